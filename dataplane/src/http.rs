@@ -1,0 +1,555 @@
+//! The HTTP stage: read the client's request (hyper), validate a WebSocket upgrade (RFC 6455
+//! section 4.2.1), route it, forward it to a member with Host kept and X-Forwarded-* added, and
+//! relay the member's answer. A 101 hands both sockets to the data plane; any other answer goes
+//! to the client as it is. Plain requests are reverse-proxied one by one.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode, Version};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+
+use crate::balancer::Lease;
+use crate::router::Cluster;
+use crate::server::Shared;
+
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Serves one client connection until it closes or upgrades.
+pub async fn serve(stream: TcpStream, client: SocketAddr, shared: Arc<Shared>) {
+    let settings = &shared.settings;
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(settings.handshake_timeout)
+        .max_headers(settings.max_headers)
+        .max_buf_size(settings.max_header_bytes.max(8192))
+        .auto_date_header(false);
+    let service_shared = Arc::clone(&shared);
+    let service = hyper::service::service_fn(move |request| {
+        let shared = Arc::clone(&service_shared);
+        async move { Ok::<_, Infallible>(handle(request, client, shared).await) }
+    });
+    let connection = builder
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    if let Err(error) = connection.await {
+        // hyper has already answered a malformed request (400, 431, 414) where it could.
+        tracing::info!("client {client}: connection ended: {error}");
+    }
+}
+
+fn text(status: StatusCode, message: &str) -> Response<Body> {
+    let mut response = Response::new(
+        Full::new(Bytes::from(format!("{message}\n")))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+fn header_str(headers: &HeaderMap, name: HeaderName) -> Option<&str> {
+    headers.get(name).and_then(|value| value.to_str().ok())
+}
+
+/// Whether a comma-separated header carries `token` (case-insensitive), across repeats.
+fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|item| item.trim().eq_ignore_ascii_case(token))
+}
+
+/// A request that asks for any protocol switch, valid or not.
+fn wants_upgrade<B>(request: &Request<B>) -> bool {
+    request.headers().contains_key(header::UPGRADE)
+        || request.headers().contains_key(header::SEC_WEBSOCKET_KEY)
+        || has_token(request.headers(), header::CONNECTION, "upgrade")
+}
+
+/// RFC 6455 section 4.2.1: what a server must find in an opening handshake.
+pub fn validate_upgrade<B>(request: &Request<B>) -> Result<(), &'static str> {
+    let headers = request.headers();
+    if request.method() != Method::GET {
+        return Err("a WebSocket upgrade must use GET");
+    }
+    if request.version() != Version::HTTP_11 {
+        return Err("a WebSocket upgrade needs HTTP/1.1");
+    }
+    if !headers.contains_key(header::HOST) {
+        return Err("the request has no Host header");
+    }
+    if !has_token(headers, header::UPGRADE, "websocket") {
+        return Err("the Upgrade header must name websocket");
+    }
+    if !has_token(headers, header::CONNECTION, "upgrade") {
+        return Err("the Connection header must contain upgrade");
+    }
+    match header_str(headers, header::SEC_WEBSOCKET_KEY) {
+        None => return Err("the Sec-WebSocket-Key header is missing"),
+        Some(key) if !is_websocket_key(key) => {
+            return Err("Sec-WebSocket-Key must be 16 bytes in base64");
+        }
+        Some(_) => {}
+    }
+    if header_str(headers, header::SEC_WEBSOCKET_VERSION).map(str::trim) != Some("13") {
+        return Err("Sec-WebSocket-Version must be 13");
+    }
+    Ok(())
+}
+
+/// 16 bytes in base64: 22 alphabet characters, the last carrying no stray bits, then "==".
+fn is_websocket_key(key: &str) -> bool {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let key = key.trim().as_bytes();
+    key.len() == 24
+        && key.ends_with(b"==")
+        && key[..22].iter().all(|c| ALPHABET.contains(c))
+        && ALPHABET
+            .iter()
+            .position(|&c| c == key[21])
+            .is_some_and(|value| value & 0x0f == 0)
+}
+
+async fn handle(
+    mut request: Request<Incoming>,
+    client: SocketAddr,
+    shared: Arc<Shared>,
+) -> Response<Body> {
+    let host = header_str(request.headers(), header::HOST).map(str::to_owned);
+    let path = request
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    let Some(cluster) = shared.router.route(host.as_deref(), &path) else {
+        tracing::info!(
+            "client {client}: 404: no route for host {:?} path {path}",
+            host.as_deref().unwrap_or("")
+        );
+        return text(StatusCode::NOT_FOUND, "no route for this host and path");
+    };
+    if !wants_upgrade(&request) {
+        return proxy_plain(request, client, cluster, &shared).await;
+    }
+    if let Err(reason) = validate_upgrade(&request) {
+        tracing::info!("client {client}: 400: {reason}");
+        shared
+            .stats
+            .rejected_upgrades
+            .fetch_add(1, Ordering::Relaxed);
+        let mut response = text(StatusCode::BAD_REQUEST, reason);
+        response.headers_mut().insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
+        return response;
+    }
+
+    let client_upgrade = hyper::upgrade::on(&mut request);
+    let (parts, _) = request.into_parts();
+    let forwarded = forwarded_headers(&parts.headers, client, host.as_deref());
+    let attempt = tokio::time::timeout(
+        shared.settings.handshake_timeout,
+        upgrade_member(cluster, &parts.method, &path, &forwarded, &shared),
+    )
+    .await;
+    let switched = match attempt {
+        Err(_) => {
+            tracing::warn!(
+                "client {client}: 504: no member answered the upgrade within {:?}",
+                shared.settings.handshake_timeout
+            );
+            return text(
+                StatusCode::GATEWAY_TIMEOUT,
+                "the member did not answer in time",
+            );
+        }
+        Ok(Err(failure)) => return failure.response(client, cluster),
+        Ok(Ok(MemberAnswer::Other(response))) => return response,
+        Ok(Ok(MemberAnswer::Switched(switched))) => switched,
+    };
+
+    let mut response = Response::new(Empty::new().map_err(|never| match never {}).boxed());
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    *response.headers_mut() = switched.headers;
+    let dataplane = Arc::clone(&shared.dataplane);
+    shared.stats.upgrades.fetch_add(1, Ordering::Relaxed);
+    tokio::spawn(async move {
+        let upgraded = match client_upgrade.await {
+            Ok(upgraded) => upgraded,
+            Err(error) => {
+                tracing::info!("client {client}: gone before the 101 was sent: {error}");
+                return;
+            }
+        };
+        match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(parts) => {
+                dataplane
+                    .carry(
+                        parts.io.into_inner(),
+                        parts.read_buf,
+                        switched.stream,
+                        switched.early,
+                        switched.lease,
+                    )
+                    .await;
+            }
+            Err(_) => tracing::error!("client {client}: upgraded connection is not a TCP stream"),
+        }
+    });
+    response
+}
+
+/// The member's side of a successful upgrade.
+struct Switched {
+    headers: HeaderMap,
+    stream: TcpStream,
+    /// Bytes the member sent right after its 101.
+    early: Bytes,
+    lease: Lease,
+}
+
+enum MemberAnswer {
+    Switched(Switched),
+    /// A non-101 answer, passed to the client as it is.
+    Other(Response<Body>),
+}
+
+/// Why no member took the request; `retry` errors were tried on the next member.
+enum Failure {
+    NoMemberUsable,
+    AllFailed(Vec<String>),
+}
+
+impl Failure {
+    fn response(self, client: SocketAddr, cluster: &Cluster) -> Response<Body> {
+        match self {
+            Failure::NoMemberUsable => {
+                tracing::warn!(
+                    "client {client}: 503: cluster {} has no usable member",
+                    cluster.name
+                );
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no member can take this request",
+                )
+            }
+            Failure::AllFailed(reasons) => {
+                tracing::warn!(
+                    "client {client}: 502: every member of cluster {} failed: {}",
+                    cluster.name,
+                    reasons.join("; ")
+                );
+                text(StatusCode::BAD_GATEWAY, "no member could be reached")
+            }
+        }
+    }
+}
+
+/// Headers for the member: the client's, with X-Forwarded-For/-Proto/-Host added.
+fn forwarded_headers(headers: &HeaderMap, client: SocketAddr, host: Option<&str>) -> HeaderMap {
+    let mut forwarded = headers.clone();
+    let client_ip = client.ip().to_string();
+    let chain = match header_str(headers, HeaderName::from_static("x-forwarded-for")) {
+        Some(earlier) => format!("{earlier}, {client_ip}"),
+        None => client_ip,
+    };
+    if let Ok(value) = HeaderValue::from_str(&chain) {
+        forwarded.insert(HeaderName::from_static("x-forwarded-for"), value);
+    }
+    forwarded.insert(
+        HeaderName::from_static("x-forwarded-proto"),
+        HeaderValue::from_static("http"),
+    );
+    if let Some(value) = host.and_then(|h| HeaderValue::from_str(h).ok()) {
+        forwarded.insert(HeaderName::from_static("x-forwarded-host"), value);
+    }
+    forwarded
+}
+
+async fn connect(address: SocketAddr, timeout: Duration) -> Result<TcpStream, String> {
+    match tokio::time::timeout(timeout, TcpStream::connect(address)).await {
+        Ok(Ok(stream)) => {
+            let _ = stream.set_nodelay(true);
+            Ok(stream)
+        }
+        Ok(Err(error)) => Err(format!("{address}: {error}")),
+        Err(_) => Err(format!("{address}: connect timed out after {timeout:?}")),
+    }
+}
+
+/// Tries members in balancer order, each at most once, until one answers.
+async fn upgrade_member(
+    cluster: &Cluster,
+    method: &Method,
+    path: &str,
+    headers: &HeaderMap,
+    shared: &Shared,
+) -> Result<MemberAnswer, Failure> {
+    let mut tried = vec![false; cluster.members.len()];
+    let mut reasons = Vec::new();
+    while let Some(lease) = Lease::pick(&cluster.balancer, |index| !tried[index]) {
+        let index = lease.member();
+        tried[index] = true;
+        let member = &cluster.members[index];
+        let stream = match connect(member.address, shared.settings.connect_timeout).await {
+            Ok(stream) => stream,
+            Err(reason) => {
+                reasons.push(reason);
+                continue;
+            }
+        };
+        let (mut sender, connection) =
+            match hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
+                .await
+            {
+                Ok(parts) => parts,
+                Err(error) => {
+                    reasons.push(format!("{}: {error}", member.address));
+                    continue;
+                }
+            };
+        tokio::spawn(connection.with_upgrades());
+        let mut request = Request::new(Empty::new());
+        *request.method_mut() = method.clone();
+        *request.uri_mut() = match path.parse() {
+            Ok(uri) => uri,
+            Err(_) => return Err(Failure::AllFailed(vec![format!("bad path {path:?}")])),
+        };
+        *request.headers_mut() = headers.clone();
+        let mut response = match sender.send_request(request).await {
+            Ok(response) => response,
+            Err(error) => {
+                // Nothing was answered: the next member may take the same request.
+                reasons.push(format!("{}: {error}", member.address));
+                continue;
+            }
+        };
+        if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+            tracing::info!(
+                "member {} answered the upgrade with {}",
+                member.url,
+                response.status()
+            );
+            return Ok(MemberAnswer::Other(response.map(BodyExt::boxed)));
+        }
+        let headers = std::mem::take(response.headers_mut());
+        let upgraded = match hyper::upgrade::on(&mut response).await {
+            Ok(upgraded) => upgraded,
+            Err(error) => {
+                reasons.push(format!("{}: upgrade: {error}", member.address));
+                continue;
+            }
+        };
+        let parts = match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(parts) => parts,
+            Err(_) => {
+                return Err(Failure::AllFailed(vec![
+                    "member stream lost its type".into(),
+                ]));
+            }
+        };
+        return Ok(MemberAnswer::Switched(Switched {
+            headers,
+            stream: parts.io.into_inner(),
+            early: parts.read_buf,
+            lease,
+        }));
+    }
+    if reasons.is_empty() {
+        Err(Failure::NoMemberUsable)
+    } else {
+        Err(Failure::AllFailed(reasons))
+    }
+}
+
+/// Hop-by-hop headers (RFC 9110 section 7.6.1) that a proxy does not forward.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [
+        header::CONNECTION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::PROXY_AUTHORIZATION,
+        header::PROXY_AUTHENTICATE,
+        HeaderName::from_static("keep-alive"),
+    ] {
+        headers.remove(name);
+    }
+}
+
+/// Reverse-proxies a plain request to one member (tried in balancer order on connect failure).
+async fn proxy_plain(
+    request: Request<Incoming>,
+    client: SocketAddr,
+    cluster: &Cluster,
+    shared: &Shared,
+) -> Response<Body> {
+    let host = header_str(request.headers(), header::HOST).map(str::to_owned);
+    let (mut parts, body) = request.into_parts();
+    parts.headers = forwarded_headers(&parts.headers, client, host.as_deref());
+    strip_hop_by_hop(&mut parts.headers);
+    parts.version = Version::HTTP_11;
+    if let Some(path) = parts.uri.path_and_query().cloned() {
+        parts.uri = path.as_str().parse().unwrap_or(parts.uri);
+    }
+    let mut tried = vec![false; cluster.members.len()];
+    let mut reasons = Vec::new();
+    while let Some(lease) = Lease::pick(&cluster.balancer, |index| !tried[index]) {
+        tried[lease.member()] = true;
+        let member = &cluster.members[lease.member()];
+        let stream = match connect(member.address, shared.settings.connect_timeout).await {
+            Ok(stream) => stream,
+            Err(reason) => {
+                reasons.push(reason);
+                continue;
+            }
+        };
+        let (mut sender, connection) = match hyper::client::conn::http1::handshake::<_, Incoming>(
+            TokioIo::new(stream),
+        )
+        .await
+        {
+            Ok(parts) => parts,
+            Err(error) => {
+                reasons.push(format!("{}: {error}", member.address));
+                continue;
+            }
+        };
+        tokio::spawn(connection);
+        let request = Request::from_parts(parts, body);
+        return match sender.send_request(request).await {
+            Ok(response) => {
+                let (mut parts, body) = response.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                Response::from_parts(parts, body.boxed())
+            }
+            Err(error) => {
+                tracing::warn!(
+                    "client {client}: 502: member {} failed: {error}",
+                    member.url
+                );
+                text(StatusCode::BAD_GATEWAY, "the member failed to answer")
+            }
+        };
+    }
+    if reasons.is_empty() {
+        Failure::NoMemberUsable.response(client, cluster)
+    } else {
+        Failure::AllFailed(reasons).response(client, cluster)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upgrade_request() -> hyper::http::request::Builder {
+        Request::builder()
+            .method("GET")
+            .uri("/ws")
+            .header("Host", "example.com")
+            .header("Upgrade", "websocket")
+            .header("Connection", "keep-alive, Upgrade")
+            .header("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")
+            .header("Sec-WebSocket-Version", "13")
+    }
+
+    #[test]
+    fn a_valid_upgrade_passes() {
+        assert_eq!(
+            validate_upgrade(&upgrade_request().body(()).unwrap()),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn each_missing_piece_is_named() {
+        let post = upgrade_request().method("POST").body(()).unwrap();
+        assert!(validate_upgrade(&post).unwrap_err().contains("GET"));
+        let old = upgrade_request()
+            .version(Version::HTTP_10)
+            .body(())
+            .unwrap();
+        assert!(validate_upgrade(&old).unwrap_err().contains("HTTP/1.1"));
+        let mut request = upgrade_request().body(()).unwrap();
+        request
+            .headers_mut()
+            .insert("sec-websocket-version", HeaderValue::from_static("8"));
+        assert!(validate_upgrade(&request).unwrap_err().contains("13"));
+        request = upgrade_request().body(()).unwrap();
+        request
+            .headers_mut()
+            .insert("sec-websocket-key", HeaderValue::from_static("short"));
+        assert!(validate_upgrade(&request).unwrap_err().contains("16 bytes"));
+        request = upgrade_request().body(()).unwrap();
+        request
+            .headers_mut()
+            .insert("upgrade", HeaderValue::from_static("h2c"));
+        assert!(
+            validate_upgrade(&request)
+                .unwrap_err()
+                .contains("websocket")
+        );
+        request = upgrade_request().body(()).unwrap();
+        request
+            .headers_mut()
+            .insert("connection", HeaderValue::from_static("close"));
+        assert!(
+            validate_upgrade(&request)
+                .unwrap_err()
+                .contains("Connection")
+        );
+    }
+
+    #[test]
+    fn websocket_keys_are_checked() {
+        assert!(is_websocket_key("dGhlIHNhbXBsZSBub25jZQ=="));
+        assert!(!is_websocket_key("dGhlIHNhbXBsZSBub25jZR=="));
+        assert!(!is_websocket_key("dGhlIHNhbXBsZSBub25jZQ="));
+    }
+
+    #[test]
+    fn forwarded_headers_extend_the_chain() {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
+        headers.insert("host", HeaderValue::from_static("example.com"));
+        let out = forwarded_headers(
+            &headers,
+            "192.0.2.7:5000".parse().unwrap(),
+            Some("example.com"),
+        );
+        assert_eq!(out["x-forwarded-for"], "10.0.0.1, 192.0.2.7");
+        assert_eq!(out["x-forwarded-proto"], "http");
+        assert_eq!(out["x-forwarded-host"], "example.com");
+        assert_eq!(out["host"], "example.com");
+    }
+}

@@ -1,0 +1,17 @@
+//! wsplice: a WebSocket load balancer whose established streams are carried by the kernel.
+//!
+//! Data flow, one module per stage: [`server`] (listeners, workers) -> [`http`] (request,
+//! upgrade validation, member handshake) -> [`router`] + [`balancer`] (which member) ->
+//! [`dataplane`] (hand-over) -> [`offload`] (BPF sockmap) or [`relay`] (userspace).
+//! Only [`sys`] talks to the kernel with `unsafe`.
+#![deny(unsafe_code)]
+
+pub mod balancer;
+pub mod config;
+pub mod dataplane;
+pub mod http;
+pub mod offload;
+pub mod relay;
+pub mod router;
+pub mod server;
+pub mod sys;

@@ -1,0 +1,710 @@
+//! Kernel offload of established pairs (ws:// <-> ws://): BPF sockmap redirection.
+//!
+//! A pair is handed over after its early bytes are forwarded and both sockets are drained. Both
+//! sockets then join the SOCKS sockhash; the verdict in ebpf/wsplice.bpf.c redirects each side's
+//! bytes to the other's egress. One carrier thread watches every offloaded pair through its own
+//! epoll set (RDHUP and errors only, so redirected bytes never wake userspace) and:
+//! - relays bytes the verdict passed back (the peer's receiver was behind, or the peer was not
+//!   in the map yet), with normal TCP flow control, before redirection resumes;
+//! - propagates a half-close only after every redirected byte has reached the peer's socket;
+//! - closes both sockets when either side resets, and removes every map entry.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use aya::maps::{Map, MapData, RingBuf, SockHash};
+use aya::programs::SkSkb;
+use aya::{Ebpf, EbpfLoader};
+
+use crate::balancer::Lease;
+use crate::sys::{self, BpfFlow, BpfLink};
+
+/// The verdict object built from ebpf/wsplice.bpf.c by build.rs (empty when clang was missing).
+static BPF_OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/wsplice.bpf.o"));
+
+/// Bytes userspace reads at once when relaying passed bytes.
+const RELAY_CHUNK: usize = 64 * 1024;
+/// How often a pair waiting for its redirected bytes to leave the psock queue is looked at.
+const DRAIN_POLL: Duration = Duration::from_millis(1);
+/// Token of the carrier's wake pipe and ring buffer in its epoll set.
+const WAKE_TOKEN: u64 = u64::MAX;
+const EVENTS_TOKEN: u64 = u64::MAX - 1;
+
+/// Counters shared with metrics and tests.
+#[derive(Debug, Default)]
+pub struct OffloadStats {
+    pub pairs_offloaded: AtomicU64,
+    pub pairs_open: AtomicU64,
+    pub pairs_aborted: AtomicU64,
+    /// Bytes the verdict passed back that userspace relayed (backpressure and insertion races).
+    pub bytes_relayed: AtomicU64,
+    /// Bytes the kernel redirected, counted when a pair closes.
+    pub bytes_redirected: AtomicU64,
+}
+
+/// Map file descriptors, shared by the workers (insertion) and the carrier.
+#[derive(Debug)]
+struct Maps {
+    socks: OwnedFd,
+    links: OwnedFd,
+    flows: OwnedFd,
+    counters: OwnedFd,
+}
+
+/// The loaded verdict and its carrier thread.
+pub struct Sockmap {
+    maps: Arc<Maps>,
+    handoff: mpsc::Sender<Tunnel>,
+    wake: std::io::PipeWriter,
+    pub stats: Arc<OffloadStats>,
+    /// Keeps the program attached; it detaches when this drops.
+    _ebpf: Ebpf,
+}
+
+impl std::fmt::Debug for Sockmap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sockmap").field("maps", &self.maps).finish()
+    }
+}
+
+/// An established pair ready for the kernel: client first, member second.
+pub struct Pair {
+    pub client: TcpStream,
+    pub member: TcpStream,
+    pub lease: Lease,
+    /// Maximum bytes redirected but not yet acked by the receiving peer, per direction.
+    pub redirect_limit: u64,
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<Map, String> {
+    ebpf.take_map(name)
+        .ok_or_else(|| format!("the BPF object has no map {name}"))
+}
+
+fn map_fd(map: Map) -> Result<OwnedFd, String> {
+    let data: MapData = match map {
+        Map::HashMap(data) | Map::Array(data) => data,
+        other => return Err(format!("unexpected map kind {other:?}")),
+    };
+    data.fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|error| format!("cannot keep the map fd: {error}"))
+}
+
+impl Sockmap {
+    /// Loads and attaches the verdict and starts the carrier. The error says why the kernel
+    /// path cannot be used, in one line.
+    pub fn load(max_pairs: u32) -> Result<Sockmap, String> {
+        if BPF_OBJECT.is_empty() {
+            return Err(
+                "the BPF object was not built (clang was missing when wsplice was compiled)".into(),
+            );
+        }
+        if !sys::effective_uid_is_root() {
+            return Err("not running as root (loading BPF needs CAP_BPF and CAP_NET_ADMIN)".into());
+        }
+        let sockets = max_pairs.saturating_mul(2).max(64);
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries("SOCKS", sockets)
+            .map_max_entries("LINKS", sockets)
+            .map_max_entries("FLOWS", sockets)
+            .load(BPF_OBJECT)
+            .map_err(|error| first_line(format!("the kernel refused the BPF object: {error}")))?;
+
+        // Load before taking the maps: the program's instructions carry the maps' fds.
+        let program: &mut SkSkb = ebpf
+            .program_mut("wsplice_verdict")
+            .ok_or("the BPF object has no wsplice_verdict program")?
+            .try_into()
+            .map_err(|error| format!("wsplice_verdict is not an sk_skb program: {error}"))?;
+        program
+            .load()
+            .map_err(|error| first_line(format!("the verifier refused the verdict: {error}")))?;
+
+        let socks: SockHash<MapData, u64> = SockHash::try_from(take_map(&mut ebpf, "SOCKS")?)
+            .map_err(|error| format!("SOCKS is not a sockhash: {error}"))?;
+        let events = RingBuf::try_from(take_map(&mut ebpf, "EVENTS")?)
+            .map_err(|error| format!("EVENTS is not a ring buffer: {error}"))?;
+        let maps = Maps {
+            socks: socks
+                .fd()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|error| format!("cannot keep the sockhash fd: {error}"))?,
+            links: map_fd(take_map(&mut ebpf, "LINKS")?)?,
+            flows: map_fd(take_map(&mut ebpf, "FLOWS")?)?,
+            counters: map_fd(take_map(&mut ebpf, "COUNTERS")?)?,
+        };
+        let program: &mut SkSkb = ebpf
+            .program_mut("wsplice_verdict")
+            .ok_or("the BPF object has no wsplice_verdict program")?
+            .try_into()
+            .map_err(|error| format!("wsplice_verdict is not an sk_skb program: {error}"))?;
+        program
+            .attach(socks.fd())
+            .map_err(|error| format!("cannot attach the verdict to the sockhash: {error}"))?;
+
+        let maps = Arc::new(maps);
+        let stats = Arc::new(OffloadStats::default());
+        let (handoff, handed) = mpsc::channel();
+        let (wake_reader, wake) =
+            std::io::pipe().map_err(|error| format!("cannot create the wake pipe: {error}"))?;
+        let epoll = sys::Epoll::new().map_err(|error| format!("epoll: {error}"))?;
+        epoll
+            .add(wake_reader.as_fd(), sys::EPOLLIN, WAKE_TOKEN)
+            .and_then(|()| epoll.add(events.as_fd(), sys::EPOLLIN, EVENTS_TOKEN))
+            .map_err(|error| format!("epoll: {error}"))?;
+        let carrier = Carrier {
+            maps: Arc::clone(&maps),
+            stats: Arc::clone(&stats),
+            epoll,
+            wake: wake_reader,
+            events,
+            handed,
+            next_generation: 0,
+            pairs: Vec::new(),
+            free: Vec::new(),
+            by_cookie: HashMap::new(),
+            draining: Vec::new(),
+        };
+        std::thread::Builder::new()
+            .name("wsplice-offload".into())
+            .spawn(move || carrier.run())
+            .map_err(|error| format!("cannot start the offload thread: {error}"))?;
+        Ok(Sockmap {
+            maps,
+            handoff,
+            wake,
+            stats,
+            _ebpf: ebpf,
+        })
+    }
+
+    /// Puts a drained pair into the sockhash and gives it to the carrier. When neither socket
+    /// can join the map (both already closing), the pair comes back for the userspace relay.
+    pub fn offload(&self, pair: Pair) -> Result<(), Pair> {
+        let setup = |stream: &TcpStream, peer: &TcpStream| -> io::Result<(u64, u64)> {
+            let cookie = sys::socket_cookie(stream.as_fd())?;
+            let peer_cookie = sys::socket_cookie(peer.as_fd())?;
+            let link = BpfLink {
+                peer_cookie,
+                limit: pair.redirect_limit,
+                peer_base: sys::bytes_written(peer.as_fd())?,
+                relayed: 0,
+            };
+            sys::map_update(
+                self.maps.flows.as_fd(),
+                &cookie,
+                &BpfFlow::default(),
+                sys::BPF_ANY,
+            )?;
+            sys::map_update(self.maps.links.as_fd(), &cookie, &link, sys::BPF_ANY)?;
+            Ok((cookie, link.peer_base))
+        };
+        let prepared = setup(&pair.client, &pair.member)
+            .and_then(|client| Ok((client, setup(&pair.member, &pair.client)?)));
+        // Each setup returns the source's cookie and what was written into its peer so far.
+        let ((client_cookie, into_member), (member_cookie, into_client)) = match prepared {
+            Ok(prepared) => prepared,
+            Err(error) => {
+                tracing::warn!("offload setup failed ({error}); relaying this pair in userspace");
+                return Err(pair);
+            }
+        };
+        let insert = |stream: &TcpStream, cookie: u64| {
+            let fd = std::os::fd::AsRawFd::as_raw_fd(stream) as u32;
+            sys::map_update(self.maps.socks.as_fd(), &cookie, &fd, sys::BPF_NOEXIST).is_ok()
+        };
+        // A socket that already got a FIN cannot join (EOPNOTSUPP): the carrier relays that
+        // direction itself. Bytes arriving while only one side is in the map are passed back.
+        let client_in_map = insert(&pair.client, client_cookie);
+        let member_in_map = insert(&pair.member, member_cookie);
+        if !client_in_map && !member_in_map {
+            for cookie in [client_cookie, member_cookie] {
+                let _ = sys::map_delete(self.maps.links.as_fd(), &cookie);
+                let _ = sys::map_delete(self.maps.flows.as_fd(), &cookie);
+            }
+            return Err(pair);
+        }
+        // Bytes queued between the drain and the insertion wait for a data-ready call: setting
+        // SO_RCVLOWAT makes one, so the verdict sees them.
+        for (stream, in_map) in [(&pair.client, client_in_map), (&pair.member, member_in_map)] {
+            if in_map && let Err(error) = sys::set_rcvlowat(stream.as_fd(), 1) {
+                tracing::debug!("SO_RCVLOWAT after insertion: {error}");
+            }
+        }
+        self.stats.pairs_offloaded.fetch_add(1, Ordering::Relaxed);
+        self.stats.pairs_open.fetch_add(1, Ordering::Relaxed);
+        let tunnel = Tunnel {
+            sides: [
+                Side::new(pair.client, client_cookie, client_in_map),
+                Side::new(pair.member, member_cookie, member_in_map),
+            ],
+            flows: [
+                Flow::new(into_member, pair.redirect_limit),
+                Flow::new(into_client, pair.redirect_limit),
+            ],
+            _lease: pair.lease,
+            generation: 0,
+        };
+        let _ = self.handoff.send(tunnel);
+        let _ = (&self.wake).write(&[1]);
+        Ok(())
+    }
+
+    /// Entries in (SOCKS, LINKS, FLOWS): all zero once every pair has closed.
+    pub fn map_entries(&self) -> io::Result<(usize, usize, usize)> {
+        Ok((
+            sys::map_len::<u64>(self.maps.socks.as_fd())?,
+            sys::map_len::<u64>(self.maps.links.as_fd())?,
+            sys::map_len::<u64>(self.maps.flows.as_fd())?,
+        ))
+    }
+
+    /// Pass events the ring buffer could not take (the carrier then sweeps every pair).
+    pub fn events_lost(&self) -> u64 {
+        sys::map_lookup::<u32, u64>(self.maps.counters.as_fd(), &0)
+            .ok()
+            .flatten()
+            .unwrap_or(0)
+    }
+}
+
+struct Side {
+    stream: TcpStream,
+    cookie: u64,
+    in_map: bool,
+    /// Current epoll interest (0 before registration).
+    interest: u32,
+}
+
+impl Side {
+    fn new(stream: TcpStream, cookie: u64, in_map: bool) -> Self {
+        Side {
+            stream,
+            cookie,
+            in_map,
+            interest: 0,
+        }
+    }
+}
+
+/// One direction: bytes read from `sides[i]` are written to `sides[1 - i]`.
+struct Flow {
+    /// Bytes read by userspace and not yet written to the peer.
+    buffer: Vec<u8>,
+    written_from: usize,
+    /// Bytes userspace read from the source since hand-over.
+    read: u64,
+    /// Bytes userspace wrote into the peer since hand-over (LINKS.relayed).
+    relayed: u64,
+    /// Bytes written into the peer before hand-over.
+    peer_base: u64,
+    /// LINKS.limit for this direction.
+    limit: u64,
+    /// The verdict's counters as last read.
+    kernel: BpfFlow,
+    /// The redirected count for which the peer's psock queue was seen empty.
+    pushed_through: u64,
+    source_eof: bool,
+    peer_shut: bool,
+}
+
+impl Flow {
+    fn new(peer_base: u64, limit: u64) -> Self {
+        Flow {
+            limit,
+            buffer: Vec::new(),
+            written_from: 0,
+            read: 0,
+            relayed: 0,
+            peer_base,
+            kernel: BpfFlow::default(),
+            pushed_through: 0,
+            source_eof: false,
+            peer_shut: false,
+        }
+    }
+}
+
+struct Tunnel {
+    sides: [Side; 2],
+    flows: [Flow; 2],
+    /// Returns the member's live count to the balancer when the tunnel ends.
+    _lease: Lease,
+    generation: u32,
+}
+
+/// What a direction waits for after making all the progress it can.
+#[derive(Debug, Default, Clone, Copy)]
+struct Wants {
+    readable: [bool; 2],
+    writable: [bool; 2],
+    drain_poll: bool,
+}
+
+#[derive(Debug)]
+enum Outcome {
+    Open(Wants),
+    Done,
+    Abort(String),
+}
+
+struct Carrier {
+    maps: Arc<Maps>,
+    stats: Arc<OffloadStats>,
+    epoll: sys::Epoll,
+    wake: std::io::PipeReader,
+    events: RingBuf<MapData>,
+    handed: mpsc::Receiver<Tunnel>,
+    next_generation: u32,
+    pairs: Vec<Option<Tunnel>>,
+    free: Vec<usize>,
+    by_cookie: HashMap<u64, usize>,
+    /// Pairs waiting for redirected bytes to leave a psock queue.
+    draining: Vec<usize>,
+}
+
+fn token(slot: usize, generation: u32, side: usize) -> u64 {
+    (u64::from(generation) << 32) | ((slot as u64) << 1) | side as u64
+}
+
+impl Carrier {
+    fn run(mut self) {
+        let mut ready = Vec::new();
+        let mut lost_seen = 0;
+        loop {
+            ready.clear();
+            let timeout = if self.draining.is_empty() {
+                Some(Duration::from_millis(100))
+            } else {
+                Some(DRAIN_POLL)
+            };
+            if let Err(error) = self.epoll.wait(&mut ready, timeout) {
+                tracing::error!("offload carrier: epoll_wait failed: {error}");
+                return;
+            }
+            let mut touched = std::mem::take(&mut self.draining);
+            for event in &ready {
+                tracing::trace!(token = event.token, events = event.events, "carrier event");
+                match event.token {
+                    WAKE_TOKEN => {
+                        let mut sink = [0u8; 256];
+                        let _ = self.wake.read(&mut sink);
+                        if !self.adopt_handed() {
+                            return; // every Sockmap handle is gone
+                        }
+                    }
+                    EVENTS_TOKEN => {
+                        while let Some(item) = self.events.next() {
+                            let cookie = item
+                                .get(..8)
+                                .and_then(|bytes| bytes.try_into().ok())
+                                .map(u64::from_ne_bytes);
+                            if let Some(&slot) = cookie.and_then(|c| self.by_cookie.get(&c)) {
+                                touched.push(slot);
+                            }
+                        }
+                    }
+                    token => {
+                        let slot = ((token & 0xffff_ffff) >> 1) as usize;
+                        let generation = (token >> 32) as u32;
+                        let live = self.pairs.get(slot).and_then(Option::as_ref);
+                        if live.is_some_and(|t| t.generation == generation) {
+                            if event.events & sys::EPOLLERR != 0 {
+                                let side = (token & 1) as usize;
+                                self.finish(slot, Some(format!("socket error on side {side}")));
+                            } else {
+                                touched.push(slot);
+                            }
+                        }
+                    }
+                }
+            }
+            // A full ring buffer loses pass events: then look at every pair once.
+            let lost = sys::map_lookup::<u32, u64>(self.maps.counters.as_fd(), &0)
+                .ok()
+                .flatten()
+                .unwrap_or(0);
+            if lost != lost_seen {
+                lost_seen = lost;
+                touched.extend(self.by_cookie.values().copied());
+            }
+            touched.sort_unstable();
+            touched.dedup();
+            for slot in touched {
+                self.progress(slot);
+            }
+        }
+    }
+
+    /// Registers tunnels sent by the workers; false when the senders are gone.
+    fn adopt_handed(&mut self) -> bool {
+        loop {
+            match self.handed.try_recv() {
+                Ok(mut tunnel) => {
+                    let slot = self.free.pop().unwrap_or_else(|| {
+                        self.pairs.push(None);
+                        self.pairs.len() - 1
+                    });
+                    self.next_generation = self.next_generation.wrapping_add(1);
+                    tunnel.generation = self.next_generation;
+                    for side in &tunnel.sides {
+                        self.by_cookie.insert(side.cookie, slot);
+                    }
+                    self.pairs[slot] = Some(tunnel);
+                    // Bytes passed before registration produced events nobody caught.
+                    self.progress(slot);
+                }
+                Err(mpsc::TryRecvError::Empty) => return true,
+                Err(mpsc::TryRecvError::Disconnected) => return false,
+            }
+        }
+    }
+
+    fn progress(&mut self, slot: usize) {
+        let Some(tunnel) = self.pairs.get_mut(slot).and_then(Option::as_mut) else {
+            return;
+        };
+        let outcome = advance(tunnel, &self.maps, &self.stats);
+        tracing::trace!(slot, ?outcome, "carrier progress");
+        match outcome {
+            Outcome::Open(wants) => {
+                let generation = tunnel.generation;
+                for (index, side) in tunnel.sides.iter_mut().enumerate() {
+                    let mut interest = sys::EPOLLRDHUP | sys::EPOLLET;
+                    if wants.readable[index] {
+                        interest |= sys::EPOLLIN;
+                    }
+                    if wants.writable[index] {
+                        interest |= sys::EPOLLOUT;
+                    }
+                    if interest == side.interest {
+                        continue;
+                    }
+                    let registered = if side.interest == 0 {
+                        self.epoll.add(
+                            side.stream.as_fd(),
+                            interest,
+                            token(slot, generation, index),
+                        )
+                    } else {
+                        self.epoll.modify(
+                            side.stream.as_fd(),
+                            interest,
+                            token(slot, generation, index),
+                        )
+                    };
+                    match registered {
+                        Ok(()) => side.interest = interest,
+                        Err(error) => {
+                            self.finish(slot, Some(format!("epoll registration: {error}")));
+                            return;
+                        }
+                    }
+                }
+                if wants.drain_poll {
+                    self.draining.push(slot);
+                }
+            }
+            Outcome::Done => self.finish(slot, None),
+            Outcome::Abort(reason) => self.finish(slot, Some(reason)),
+        }
+    }
+
+    /// Removes every trace of the tunnel and closes both sockets.
+    fn finish(&mut self, slot: usize, abort: Option<String>) {
+        let Some(tunnel) = self.pairs.get_mut(slot).and_then(Option::take) else {
+            return;
+        };
+        if let Some(reason) = &abort {
+            tracing::debug!("offloaded pair closed: {reason}");
+            self.stats.pairs_aborted.fetch_add(1, Ordering::Relaxed);
+        }
+        for side in &tunnel.sides {
+            self.by_cookie.remove(&side.cookie);
+            if side.interest != 0 {
+                let _ = self.epoll.delete(side.stream.as_fd());
+            }
+            let flow = sys::map_lookup::<u64, BpfFlow>(self.maps.flows.as_fd(), &side.cookie);
+            if let Ok(Some(flow)) = flow {
+                self.stats
+                    .bytes_redirected
+                    .fetch_add(flow.redirected, Ordering::Relaxed);
+            }
+            let _ = sys::map_delete(self.maps.socks.as_fd(), &side.cookie);
+            let _ = sys::map_delete(self.maps.links.as_fd(), &side.cookie);
+            let _ = sys::map_delete(self.maps.flows.as_fd(), &side.cookie);
+        }
+        if abort.is_some() {
+            // Tell both ends at once rather than leaving one waiting on a dead peer.
+            for side in &tunnel.sides {
+                let _ = side.stream.shutdown(Shutdown::Both);
+            }
+        }
+        self.free.push(slot);
+        self.stats.pairs_open.fetch_sub(1, Ordering::Relaxed);
+        drop(tunnel);
+    }
+}
+
+/// Whether every byte redirected from `source` has left the peer's psock queue for its socket
+/// (bytes ever written into the peer >= bytes userspace gave it + bytes redirected to it).
+fn pushed_through(flow: &Flow, peer: BorrowedFd) -> io::Result<bool> {
+    let expected = flow.peer_base + flow.relayed + flow.kernel.redirected;
+    let written = sys::bytes_written(peer)?;
+    tracing::trace!(
+        expected,
+        written,
+        base = flow.peer_base,
+        redirected = flow.kernel.redirected,
+        "pushed through?"
+    );
+    Ok(written >= expected)
+}
+
+/// Moves every direction of a tunnel as far as it can go without blocking.
+fn advance(tunnel: &mut Tunnel, maps: &Maps, stats: &OffloadStats) -> Outcome {
+    let mut wants = Wants::default();
+    for from in 0..2 {
+        let to = 1 - from;
+        let (source, peer) = {
+            let [a, b] = &tunnel.sides;
+            if from == 0 { (a, b) } else { (b, a) }
+        };
+        let flow = &mut tunnel.flows[from];
+        if flow.peer_shut {
+            continue;
+        }
+        if source.in_map {
+            match sys::map_lookup::<u64, BpfFlow>(maps.flows.as_fd(), &source.cookie) {
+                Ok(Some(kernel)) => flow.kernel = kernel,
+                Ok(None) => return Outcome::Abort("flow entry vanished".into()),
+                Err(error) => return Outcome::Abort(format!("FLOWS lookup: {error}")),
+            }
+        }
+        loop {
+            // 1. Write what was read, once the kernel's own redirected bytes are ahead of it.
+            if flow.written_from < flow.buffer.len() {
+                if source.in_map && flow.pushed_through != flow.kernel.redirected {
+                    match pushed_through(flow, peer.stream.as_fd()) {
+                        Ok(true) => flow.pushed_through = flow.kernel.redirected,
+                        Ok(false) => {
+                            wants.drain_poll = true;
+                            break;
+                        }
+                        Err(error) => return Outcome::Abort(format!("peer counters: {error}")),
+                    }
+                }
+                match (&peer.stream).write(&flow.buffer[flow.written_from..]) {
+                    Ok(written) => {
+                        flow.written_from += written;
+                        flow.relayed += written as u64;
+                        stats
+                            .bytes_relayed
+                            .fetch_add(written as u64, Ordering::Relaxed);
+                        if flow.written_from == flow.buffer.len() {
+                            flow.buffer.clear();
+                            flow.written_from = 0;
+                        }
+                        if source.in_map {
+                            let link = BpfLink {
+                                peer_cookie: peer.cookie,
+                                limit: flow.limit,
+                                peer_base: flow.peer_base,
+                                relayed: flow.relayed,
+                            };
+                            if let Err(error) = sys::map_update(
+                                maps.links.as_fd(),
+                                &source.cookie,
+                                &link,
+                                sys::BPF_ANY,
+                            ) {
+                                return Outcome::Abort(format!("LINKS update: {error}"));
+                            }
+                        }
+                        continue;
+                    }
+                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                        wants.writable[to] = true;
+                        break;
+                    }
+                    Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(error) => return Outcome::Abort(format!("write to peer: {error}")),
+                }
+            }
+            // 2. Read what userspace owes: everything when the source is not in the map,
+            //    otherwise what the verdict passed back; and the FIN in both cases.
+            if flow.source_eof {
+                break;
+            }
+            let owed = !source.in_map || flow.kernel.passed > flow.read;
+            if flow.buffer.capacity() == 0 {
+                flow.buffer.reserve_exact(RELAY_CHUNK);
+            }
+            flow.buffer.resize(RELAY_CHUNK, 0);
+            match (&source.stream).read(&mut flow.buffer) {
+                Ok(0) => {
+                    flow.buffer.clear();
+                    flow.source_eof = true;
+                    break;
+                }
+                Ok(count) => {
+                    flow.buffer.truncate(count);
+                    flow.read += count as u64;
+                    continue;
+                }
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                    flow.buffer.clear();
+                    wants.readable[from] = owed;
+                    break;
+                }
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => {
+                    flow.buffer.clear();
+                    continue;
+                }
+                Err(error) => return Outcome::Abort(format!("read from source: {error}")),
+            }
+        }
+        if flow.buffer.is_empty() && flow.buffer.capacity() > 0 {
+            flow.buffer = Vec::new(); // idle pairs keep no relay buffer
+        }
+        // 3. FIN: pass it on after the last byte, redirected or relayed, is in the peer socket.
+        if flow.source_eof && flow.buffer.is_empty() {
+            if source.in_map {
+                match pushed_through(flow, peer.stream.as_fd()) {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        wants.drain_poll = true;
+                        continue;
+                    }
+                    Err(error) => return Outcome::Abort(format!("peer counters: {error}")),
+                }
+            }
+            match peer.stream.shutdown(Shutdown::Write) {
+                Ok(()) => flow.peer_shut = true,
+                Err(error) if error.kind() == io::ErrorKind::NotConnected => {
+                    flow.peer_shut = true;
+                }
+                Err(error) => return Outcome::Abort(format!("shutdown peer: {error}")),
+            }
+        }
+    }
+    if tunnel.flows.iter().all(|flow| flow.peer_shut) {
+        Outcome::Done
+    } else {
+        Outcome::Open(wants)
+    }
+}
+
+/// Verifier logs span many lines; the start-up line keeps the first.
+fn first_line(text: String) -> String {
+    text.lines().next().unwrap_or_default().to_string()
+}

@@ -1,0 +1,187 @@
+//! Listeners and workers: each worker thread runs its own single-threaded runtime with its own
+//! SO_REUSEPORT listener per address, so the kernel spreads accepts across workers.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::sync::watch;
+
+use crate::config::{Config, ServerSettings};
+use crate::dataplane::Dataplane;
+use crate::router::Router;
+
+/// Counters for metrics and tests.
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    pub accepted: AtomicU64,
+    pub upgrades: AtomicU64,
+    pub rejected_upgrades: AtomicU64,
+}
+
+/// What every connection's session can reach.
+#[derive(Debug)]
+pub struct Shared {
+    pub settings: ServerSettings,
+    pub router: Router,
+    pub dataplane: Arc<Dataplane>,
+    pub stats: ServerStats,
+}
+
+/// A running server.
+pub struct ServerHandle {
+    /// The bound addresses, in config order (ports resolved when 0 was asked for).
+    pub addresses: Vec<SocketAddr>,
+    pub shared: Arc<Shared>,
+    stop: watch::Sender<bool>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+impl ServerHandle {
+    /// Stops accepting and waits for the workers; established tunnels stay with the carrier.
+    pub fn stop(mut self) {
+        let _ = self.stop.send(true);
+        for worker in self.workers.drain(..) {
+            let _ = worker.join();
+        }
+    }
+
+    /// Blocks until the workers end (they end only when stopped).
+    pub fn wait(mut self) {
+        for worker in self.workers.drain(..) {
+            let _ = worker.join();
+        }
+    }
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {address}: {source}")]
+    Listen {
+        address: SocketAddr,
+        source: io::Error,
+    },
+    #[error("{0}")]
+    Dataplane(String),
+    #[error("cannot start a worker: {0}")]
+    Worker(io::Error),
+}
+
+fn reuseport_listener(address: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let socket = Socket::new(
+        Domain::for_address(address),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    if address.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.bind(&address.into())?;
+    socket.listen(4096)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
+/// Starts listeners, workers and the data plane.
+pub fn start(config: Config) -> Result<ServerHandle, StartError> {
+    let settings = config.server.clone();
+    let max_pairs = (crate::sys::open_files_limit() / 2).clamp(64, 1 << 22) as u32;
+    let dataplane = Dataplane::start(&settings, max_pairs).map_err(StartError::Dataplane)?;
+    tracing::info!("{}", dataplane.announcement);
+
+    // Bind every worker's listeners here so a bad address fails start-up, not a thread.
+    let mut addresses = Vec::new();
+    let mut per_worker: Vec<Vec<std::net::TcpListener>> =
+        (0..settings.workers).map(|_| Vec::new()).collect();
+    for listener in &config.listeners {
+        let mut address = listener.address;
+        for worker in &mut per_worker {
+            let bound = reuseport_listener(address)
+                .map_err(|source| StartError::Listen { address, source })?;
+            address = bound
+                .local_addr()
+                .map_err(|source| StartError::Listen { address, source })?;
+            worker.push(bound);
+        }
+        tracing::info!("listening on {address} ({} workers)", settings.workers);
+        addresses.push(address);
+    }
+
+    let shared = Arc::new(Shared {
+        router: Router::new(&config),
+        dataplane: Arc::new(dataplane),
+        settings,
+        stats: ServerStats::default(),
+    });
+    let (stop, stopped) = watch::channel(false);
+    let mut workers = Vec::new();
+    for (index, listeners) in per_worker.into_iter().enumerate() {
+        let shared = Arc::clone(&shared);
+        let stopped = stopped.clone();
+        let worker = std::thread::Builder::new()
+            .name(format!("wsplice-worker-{index}"))
+            .spawn(move || run_worker(listeners, shared, stopped))
+            .map_err(StartError::Worker)?;
+        workers.push(worker);
+    }
+    Ok(ServerHandle {
+        addresses,
+        shared,
+        stop,
+        workers,
+    })
+}
+
+fn run_worker(
+    listeners: Vec<std::net::TcpListener>,
+    shared: Arc<Shared>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            tracing::error!("worker runtime: {error}");
+            return;
+        }
+    };
+    runtime.block_on(async move {
+        for listener in listeners {
+            let listener = match tokio::net::TcpListener::from_std(listener) {
+                Ok(listener) => listener,
+                Err(error) => {
+                    tracing::error!("worker listener: {error}");
+                    continue;
+                }
+            };
+            tokio::spawn(accept_loop(listener, Arc::clone(&shared)));
+        }
+        let _ = stopped.wait_for(|stop| *stop).await;
+    });
+}
+
+async fn accept_loop(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, client)) => {
+                shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(crate::http::serve(stream, client, Arc::clone(&shared)));
+            }
+            Err(error) => {
+                // Out of descriptors or memory: back off instead of spinning.
+                tracing::warn!("accept: {error}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}

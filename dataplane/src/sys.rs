@@ -1,0 +1,429 @@
+//! The one module that talks to the kernel directly: bpf(2) map operations, socket options and
+//! ioctls the std/socket2 APIs lack, and epoll for offloaded sockets. Every `unsafe` block
+//! carries a `// SAFETY:` comment; the rest of the crate forbids `unsafe`.
+#![allow(unsafe_code)]
+
+use std::io;
+use std::mem::{size_of, zeroed};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::time::Duration;
+
+/// Plain-old-data that can cross the bpf(2) boundary as bytes: `#[repr(C)]`, no padding
+/// with meaning, every bit pattern valid.
+///
+/// # Safety
+/// Implementors must be `#[repr(C)]` structs or integers for which any bit pattern is valid.
+pub unsafe trait Pod: Copy + 'static {}
+// SAFETY: integers accept every bit pattern.
+unsafe impl Pod for u32 {}
+// SAFETY: integers accept every bit pattern.
+unsafe impl Pod for u64 {}
+
+/// Mirror of `struct wsplice_link` in ebpf/wsplice.h (LINKS map value).
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct BpfLink {
+    pub peer_cookie: u64,
+    pub limit: u64,
+    pub peer_base: u64,
+    pub relayed: u64,
+}
+// SAFETY: repr(C), four u64 fields, no padding; every bit pattern is valid.
+unsafe impl Pod for BpfLink {}
+
+/// Mirror of `struct wsplice_flow` in ebpf/wsplice.h (FLOWS map value).
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct BpfFlow {
+    pub redirected: u64,
+    pub passed: u64,
+    pub last_ns: u64,
+}
+// SAFETY: repr(C), three u64 fields, no padding; every bit pattern is valid.
+unsafe impl Pod for BpfFlow {}
+
+#[repr(C)]
+#[derive(Default, Clone, Copy)]
+struct MapElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value_or_next_key: u64,
+    flags: u64,
+}
+
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+
+/// `BPF_ANY`: create or replace.
+pub const BPF_ANY: u64 = 0;
+/// `BPF_NOEXIST`: create only.
+pub const BPF_NOEXIST: u64 = 1;
+
+fn bpf(command: libc::c_long, attr: &mut MapElemAttr) -> io::Result<()> {
+    // SAFETY: `attr` is a valid, initialised bpf_attr prefix for the map element commands and
+    // lives for the call; the pointers inside it point at caller-owned buffers of the map's key
+    // and value sizes (checked by the callers' types against the map definitions).
+    let result = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            command,
+            attr as *mut MapElemAttr,
+            size_of::<MapElemAttr>() as libc::c_uint,
+        )
+    };
+    if result < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Creates or replaces `map[key] = value`. For a sockhash, `value` is the socket's fd (u32).
+pub fn map_update<K: Pod, V: Pod>(
+    map: BorrowedFd,
+    key: &K,
+    value: &V,
+    flags: u64,
+) -> io::Result<()> {
+    let mut attr = MapElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        key: key as *const K as u64,
+        value_or_next_key: value as *const V as u64,
+        flags,
+        ..Default::default()
+    };
+    bpf(BPF_MAP_UPDATE_ELEM, &mut attr)
+}
+
+/// Reads `map[key]`, `None` when absent.
+pub fn map_lookup<K: Pod, V: Pod>(map: BorrowedFd, key: &K) -> io::Result<Option<V>> {
+    // SAFETY: V is Pod, so the all-zero pattern is a valid value.
+    let mut value: V = unsafe { zeroed() };
+    let mut attr = MapElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        key: key as *const K as u64,
+        value_or_next_key: &mut value as *mut V as u64,
+        ..Default::default()
+    };
+    match bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) {
+        Ok(()) => Ok(Some(value)),
+        Err(error) if error.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(error) => Err(error),
+    }
+}
+
+/// Deletes `map[key]`; `false` when it was absent.
+pub fn map_delete<K: Pod>(map: BorrowedFd, key: &K) -> io::Result<bool> {
+    let mut attr = MapElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        key: key as *const K as u64,
+        ..Default::default()
+    };
+    match bpf(BPF_MAP_DELETE_ELEM, &mut attr) {
+        Ok(()) => Ok(true),
+        Err(error) if error.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err(error) => Err(error),
+    }
+}
+
+/// Counts the keys of a map whose keys are `K`.
+pub fn map_len<K: Pod>(map: BorrowedFd) -> io::Result<usize> {
+    let mut count = 0;
+    // SAFETY: K is Pod, so the all-zero pattern is a valid value.
+    let mut key: K = unsafe { zeroed() };
+    let mut first = true;
+    loop {
+        // SAFETY: as above.
+        let mut next: K = unsafe { zeroed() };
+        let mut attr = MapElemAttr {
+            map_fd: map.as_raw_fd() as u32,
+            key: if first { 0 } else { &key as *const K as u64 },
+            value_or_next_key: &mut next as *mut K as u64,
+            ..Default::default()
+        };
+        match bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
+            Ok(()) => {
+                count += 1;
+                key = next;
+                first = false;
+            }
+            Err(error) if error.raw_os_error() == Some(libc::ENOENT) => return Ok(count),
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+fn getsockopt_bytes(fd: BorrowedFd, level: i32, name: i32, buf: &mut [u8]) -> io::Result<usize> {
+    let mut len = buf.len() as libc::socklen_t;
+    // SAFETY: `buf` is writable for `len` bytes and `len` is a valid in/out length.
+    let result = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            buf.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if result < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(len as usize)
+    }
+}
+
+fn setsockopt_int(fd: BorrowedFd, level: i32, name: i32, value: i32) -> io::Result<()> {
+    // SAFETY: the option value is a live i32 and its size is passed.
+    let result = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&value as *const i32).cast(),
+            size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    if result < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// The kernel's socket cookie: a stable 64-bit id, the key of the BPF maps.
+pub fn socket_cookie(fd: BorrowedFd) -> io::Result<u64> {
+    let mut buf = [0u8; 8];
+    getsockopt_bytes(fd, libc::SOL_SOCKET, libc::SO_COOKIE, &mut buf)?;
+    Ok(u64::from_ne_bytes(buf))
+}
+
+/// Sets SO_RCVLOWAT; setting it also runs the socket's data-ready callback, which makes a
+/// sockmap verdict look at bytes queued before the socket joined the map.
+pub fn set_rcvlowat(fd: BorrowedFd, bytes: i32) -> io::Result<()> {
+    setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT, bytes)
+}
+
+/// The parts of `struct tcp_info` wsplice reads.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TcpInfo {
+    pub state: u8,
+    pub bytes_acked: u64,
+    pub bytes_received: u64,
+}
+
+/// `TCP_ESTABLISHED` in `tcpi_state`.
+pub const TCP_ESTABLISHED: u8 = 1;
+
+pub fn tcp_info(fd: BorrowedFd) -> io::Result<TcpInfo> {
+    // Offsets in the uapi struct tcp_info, stable since Linux 4.x.
+    const BYTES_ACKED: usize = 120;
+    const BYTES_RECEIVED: usize = 128;
+    let mut buf = [0u8; 232];
+    let len = getsockopt_bytes(fd, libc::IPPROTO_TCP, libc::TCP_INFO, &mut buf)?;
+    if len < BYTES_RECEIVED + 8 {
+        return Err(io::Error::other(
+            "tcp_info too short: kernel older than 4.1",
+        ));
+    }
+    let u64_at = |at: usize| u64::from_ne_bytes(buf[at..at + 8].try_into().unwrap_or([0; 8]));
+    Ok(TcpInfo {
+        state: buf[0],
+        bytes_acked: u64_at(BYTES_ACKED),
+        bytes_received: u64_at(BYTES_RECEIVED),
+    })
+}
+
+fn ioctl_int(fd: BorrowedFd, request: libc::Ioctl) -> io::Result<u64> {
+    let mut value: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ/SIOCINQ write one int through the pointer, which is live.
+    let result = unsafe { libc::ioctl(fd.as_raw_fd(), request, &mut value as *mut libc::c_int) };
+    if result < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(value.max(0) as u64)
+    }
+}
+
+/// Bytes in the send queue not yet acked by the receiver (SIOCOUTQ).
+pub fn unacked_send_queue(fd: BorrowedFd) -> io::Result<u64> {
+    ioctl_int(fd, libc::TIOCOUTQ)
+}
+
+/// Bytes in the receive queue not yet read (SIOCINQ).
+pub fn unread_receive_queue(fd: BorrowedFd) -> io::Result<u64> {
+    ioctl_int(fd, libc::FIONREAD)
+}
+
+/// Every byte ever written into a TCP socket by anyone: acked plus still queued. Read until two
+/// consecutive reads of `bytes_acked` agree, so an ACK between the two calls cannot skew it.
+pub fn bytes_written(fd: BorrowedFd) -> io::Result<u64> {
+    loop {
+        let acked = tcp_info(fd)?.bytes_acked;
+        let queued = unacked_send_queue(fd)?;
+        if tcp_info(fd)?.bytes_acked == acked {
+            return Ok(acked + queued);
+        }
+    }
+}
+
+/// An epoll instance.
+#[derive(Debug)]
+pub struct Epoll {
+    fd: OwnedFd,
+}
+
+pub const EPOLLIN: u32 = libc::EPOLLIN as u32;
+pub const EPOLLOUT: u32 = libc::EPOLLOUT as u32;
+pub const EPOLLRDHUP: u32 = libc::EPOLLRDHUP as u32;
+pub const EPOLLERR: u32 = libc::EPOLLERR as u32;
+pub const EPOLLHUP: u32 = libc::EPOLLHUP as u32;
+pub const EPOLLET: u32 = libc::EPOLLET as u32;
+
+/// One readiness report: the registration's token and the event bits.
+#[derive(Debug, Clone, Copy)]
+pub struct Ready {
+    pub token: u64,
+    pub events: u32,
+}
+
+impl Epoll {
+    pub fn new() -> io::Result<Self> {
+        // SAFETY: plain syscall with a flag argument.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just returned by epoll_create1 and is owned by nobody else.
+        Ok(Epoll {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+        })
+    }
+
+    fn control(&self, op: i32, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
+        let mut event = libc::epoll_event { events, u64: token };
+        // SAFETY: `event` is live for the call; the epoll fd is owned by self.
+        let result = unsafe { libc::epoll_ctl(self.fd.as_raw_fd(), op, fd, &mut event) };
+        if result < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    }
+
+    pub fn add(&self, fd: BorrowedFd, events: u32, token: u64) -> io::Result<()> {
+        self.control(libc::EPOLL_CTL_ADD, fd.as_raw_fd(), events, token)
+    }
+
+    pub fn modify(&self, fd: BorrowedFd, events: u32, token: u64) -> io::Result<()> {
+        self.control(libc::EPOLL_CTL_MOD, fd.as_raw_fd(), events, token)
+    }
+
+    pub fn delete(&self, fd: BorrowedFd) -> io::Result<()> {
+        self.control(libc::EPOLL_CTL_DEL, fd.as_raw_fd(), 0, 0)
+    }
+
+    /// Waits up to `timeout` (forever when `None`) and appends what is ready to `ready`.
+    pub fn wait(&self, ready: &mut Vec<Ready>, timeout: Option<Duration>) -> io::Result<()> {
+        const BATCH: usize = 256;
+        let mut events = [libc::epoll_event { events: 0, u64: 0 }; BATCH];
+        let timeout_ms = timeout.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as i32);
+        // SAFETY: `events` is writable for BATCH entries.
+        let count = unsafe {
+            libc::epoll_wait(
+                self.fd.as_raw_fd(),
+                events.as_mut_ptr(),
+                BATCH as i32,
+                timeout_ms,
+            )
+        };
+        if count < 0 {
+            let error = io::Error::last_os_error();
+            return if error.kind() == io::ErrorKind::Interrupted {
+                Ok(())
+            } else {
+                Err(error)
+            };
+        }
+        ready.extend(events[..count as usize].iter().map(|event| Ready {
+            token: event.u64,
+            events: event.events,
+        }));
+        Ok(())
+    }
+}
+
+impl AsFd for Epoll {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+/// The soft limit on open descriptors (RLIMIT_NOFILE), which bounds how many pairs fit.
+pub fn open_files_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `limit` is a live rlimit for getrlimit to fill.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
+        limit.rlim_cur
+    } else {
+        1024
+    }
+}
+
+/// Whether this process may load BPF programs (CAP_BPF or CAP_SYS_ADMIN, in practice root).
+pub fn effective_uid_is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+
+    #[test]
+    fn tcp_counters_follow_the_bytes() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut server, _) = listener.accept().unwrap();
+        // bytes_acked may count the SYN: only differences are meaningful, as in the carrier.
+        let before = bytes_written(client.as_fd()).unwrap();
+        client.write_all(&[7u8; 5000]).unwrap();
+        let mut buf = vec![0u8; 5000];
+        server.read_exact(&mut buf).unwrap();
+        assert_eq!(bytes_written(client.as_fd()).unwrap() - before, 5000);
+        let info = tcp_info(server.as_fd()).unwrap();
+        assert_eq!(info.state, TCP_ESTABLISHED);
+        assert_eq!(info.bytes_received, 5000);
+        assert_eq!(unread_receive_queue(server.as_fd()).unwrap(), 0);
+        assert_ne!(
+            socket_cookie(client.as_fd()).unwrap(),
+            socket_cookie(server.as_fd()).unwrap()
+        );
+    }
+
+    #[test]
+    fn epoll_reports_a_peer_half_close_as_rdhup() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        let epoll = Epoll::new().unwrap();
+        epoll.add(server.as_fd(), EPOLLRDHUP, 42).unwrap();
+        let mut ready = Vec::new();
+        epoll.wait(&mut ready, Some(Duration::ZERO)).unwrap();
+        assert!(ready.is_empty());
+        client.shutdown(std::net::Shutdown::Write).unwrap();
+        epoll
+            .wait(&mut ready, Some(Duration::from_secs(5)))
+            .unwrap();
+        assert_eq!(ready.len(), 1);
+        assert_eq!(ready[0].token, 42);
+        assert_ne!(ready[0].events & EPOLLRDHUP, 0);
+    }
+}
