@@ -12,11 +12,31 @@
 #include <bpf/bpf_helpers.h>
 #include "wsplice.h"
 
-/* Only the one field the verdict reads; CO-RE relocates its offset against the running
+/* Only the fields the verdict reads; CO-RE relocates their offsets against the running
  * kernel's BTF at load time. */
+struct sk_buff {
+	char cb[48]; /* starts with struct tcp_skb_cb: __u32 seq, __u32 end_seq */
+} __attribute__((preserve_access_index));
+
+struct sk_buff_head {
+	struct sk_buff *next;
+	struct sk_buff *prev;
+	__u32 qlen;
+} __attribute__((preserve_access_index));
+
+struct sock {
+	struct sk_buff_head sk_receive_queue;
+} __attribute__((preserve_access_index));
+
 struct tcp_sock {
+	__u32 rcv_nxt;
+	__u32 copied_seq;
 	__u64 bytes_acked;
 } __attribute__((preserve_access_index));
+
+/* sk_skb's bpf_skb_adjust_room removes at most this many head bytes per call. */
+#define TRIM_STEP 4095
+#define TRIM_STEPS 17 /* 17 * 4095 > 65535, the largest skb payload */
 
 struct {
 	__uint(type, BPF_MAP_TYPE_SOCKHASH);
@@ -75,9 +95,12 @@ int wsplice_verdict(struct __sk_buff *skb)
 	__u32 len = skb->len;
 	struct wsplice_link *link;
 	struct wsplice_flow *flow;
-	struct bpf_sock *peer;
-	struct tcp_sock *peer_tcp;
+	struct bpf_sock *peer, *self;
+	struct tcp_sock *peer_tcp, *self_tcp;
+	struct sk_buff_head *queue;
 	__u64 peer_acked, held;
+	__u32 end_seq;
+	__s32 overlap;
 
 	/* A zero-length skb redirected to the peer sets EPIPE on it. */
 	if (len == 0)
@@ -89,6 +112,59 @@ int wsplice_verdict(struct __sk_buff *skb)
 		return SK_PASS; /* not (or no longer) a pair: leave the bytes to userspace */
 
 	flow->last_ns = bpf_ktime_get_ns();
+
+	/* tcp_read_skb hands the verdict whole skbs, but a retransmission that overlaps bytes
+	 * already received is queued whole too: redirected as it is, its head would reach the
+	 * peer twice. The skb is already unlinked, so it ends where the next queued skb starts,
+	 * or at rcv_nxt when the queue is empty; what lies before next_seq is trimmed. */
+	self = bpf_map_lookup_elem(&SOCKS, &cookie);
+	if (!self)
+		return SK_PASS; /* leaving the map: userspace reads the rest */
+	self_tcp = bpf_skc_to_tcp_sock(self);
+	if (!self_tcp) {
+		bpf_sk_release(self);
+		return SK_PASS;
+	}
+	queue = &((struct sock *)self_tcp)->sk_receive_queue;
+	if (queue->qlen) {
+		struct sk_buff *next = queue->next;
+
+		if (bpf_probe_read_kernel(&end_seq, sizeof(end_seq), &next->cb[0]) != 0) {
+			bpf_sk_release(self);
+			flow->broken = 1;
+			return pass_to_userspace(flow, cookie, len);
+		}
+	} else {
+		end_seq = self_tcp->rcv_nxt;
+	}
+	if (!flow->seq_known) {
+		/* Before the first skb, userspace has read exactly up to copied_seq. */
+		flow->next_seq = self_tcp->copied_seq;
+		flow->seq_known = 1;
+	}
+	bpf_sk_release(self);
+
+	overlap = (__s32)(flow->next_seq - (end_seq - len));
+	if (overlap >= (__s32)len)
+		return SK_DROP; /* nothing new in it */
+	if (overlap > 0) {
+		__s32 left = overlap;
+
+		for (int step = 0; step < TRIM_STEPS && left > 0; step++) {
+			__s32 cut = left > TRIM_STEP ? TRIM_STEP : left;
+
+			if (bpf_skb_adjust_room(skb, -cut, 0, 0) != 0)
+				break;
+			left -= cut;
+		}
+		if (left > 0) {
+			flow->broken = 1;
+			return pass_to_userspace(flow, cookie, len);
+		}
+		__sync_fetch_and_add(&flow->trimmed, overlap);
+		len = skb->len;
+	}
+	flow->next_seq = end_seq;
 
 	/* Userspace still owes the peer bytes passed earlier: keep passing to hold order. */
 	if (flow->passed != link->relayed)

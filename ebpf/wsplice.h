@@ -16,6 +16,10 @@ struct wsplice_flow {
 	__u64 redirected; /* bytes redirected to the peer's egress */
 	__u64 passed;     /* bytes left on this socket for userspace to relay (backpressure) */
 	__u64 last_ns;    /* bpf_ktime_get_ns() of the last skb seen */
+	__u64 trimmed;    /* bytes of retransmitted skbs that overlapped bytes already seen */
+	__u32 next_seq;   /* TCP sequence number the next new byte from this source carries */
+	__u32 seq_known;  /* next_seq is set (from copied_seq, on the first skb) */
+	__u64 broken;     /* an overlap could not be trimmed: userspace must end the pair */
 };
 
 /* EVENTS ring buffer: one record per passed skb, so userspace relays it. */

@@ -36,6 +36,19 @@ pub struct ServerSettings {
     pub max_headers: usize,
 }
 
+impl ServerSettings {
+    /// Socket buffer sizes (receive, send) that keep a pair within `max_buffered_per_direction`
+    /// each way: the source's receive buffer (the kernel doubles the value for overhead) takes
+    /// a quarter, the peer's send queue or the verdict's redirect limit a half, the relay one
+    /// chunk. Set before the connection exists, so TCP never advertises a window the buffer
+    /// cannot hold (a shrunk buffer makes the kernel drop segments, and retransmissions that
+    /// overlap received bytes are what the sockmap path cannot handle).
+    pub fn socket_buffers(&self) -> (usize, usize) {
+        let bound = self.max_buffered_per_direction;
+        ((bound / 8) as usize, (bound / 4) as usize)
+    }
+}
+
 impl Default for ServerSettings {
     fn default() -> Self {
         ServerSettings {

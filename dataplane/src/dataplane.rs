@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use socket2::SockRef;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
@@ -102,9 +101,7 @@ impl Dataplane {
         member_early: Bytes,
         mut lease: Lease,
     ) {
-        if let Err(error) = self.bound_buffers(&client, &member) {
-            tracing::debug!("cannot size socket buffers: {error}");
-        }
+        let _ = (client.set_nodelay(true), member.set_nodelay(true));
         let prepared = tokio::time::timeout(self.handover_timeout, async {
             member.write_all(&client_early).await?;
             client.write_all(&member_early).await?;
@@ -172,22 +169,6 @@ impl Dataplane {
                 }
             }
         })
-    }
-
-    /// Caps what the kernel queues for one direction so that, with the relay's buffer and the
-    /// verdict's redirect limit, a pair holds at most `max_buffered` bytes each way: the
-    /// source's receive buffer (the kernel doubles the value for overhead) takes a quarter,
-    /// the peer's send queue or the redirect limit a half, userspace one relay buffer.
-    fn bound_buffers(&self, client: &TcpStream, member: &TcpStream) -> io::Result<()> {
-        let receive = (self.max_buffered / 8) as usize;
-        let send = (self.max_buffered / 4) as usize;
-        for stream in [client, member] {
-            let socket = SockRef::from(stream);
-            socket.set_recv_buffer_size(receive)?;
-            socket.set_send_buffer_size(send)?;
-            socket.set_tcp_nodelay(true)?;
-        }
-        Ok(())
     }
 }
 

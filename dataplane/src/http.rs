@@ -7,7 +7,6 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
@@ -19,6 +18,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 use crate::balancer::Lease;
+use crate::config::ServerSettings;
 use crate::router::Cluster;
 use crate::server::Shared;
 
@@ -284,8 +284,22 @@ fn forwarded_headers(headers: &HeaderMap, client: SocketAddr, host: Option<&str>
     forwarded
 }
 
-async fn connect(address: SocketAddr, timeout: Duration) -> Result<TcpStream, String> {
-    match tokio::time::timeout(timeout, TcpStream::connect(address)).await {
+async fn connect(address: SocketAddr, settings: &ServerSettings) -> Result<TcpStream, String> {
+    let timeout = settings.connect_timeout;
+    let socket = if address.is_ipv6() {
+        tokio::net::TcpSocket::new_v6()
+    } else {
+        tokio::net::TcpSocket::new_v4()
+    };
+    let (receive, send) = settings.socket_buffers();
+    let socket = socket
+        .and_then(|socket| {
+            socket.set_recv_buffer_size(receive as u32)?;
+            socket.set_send_buffer_size(send as u32)?;
+            Ok(socket)
+        })
+        .map_err(|error| format!("{address}: socket: {error}"))?;
+    match tokio::time::timeout(timeout, socket.connect(address)).await {
         Ok(Ok(stream)) => {
             let _ = stream.set_nodelay(true);
             Ok(stream)
@@ -309,7 +323,7 @@ async fn upgrade_member(
         let index = lease.member();
         tried[index] = true;
         let member = &cluster.members[index];
-        let stream = match connect(member.address, shared.settings.connect_timeout).await {
+        let stream = match connect(member.address, &shared.settings).await {
             Ok(stream) => stream,
             Err(reason) => {
                 reasons.push(reason);
@@ -426,7 +440,7 @@ async fn proxy_plain(
     while let Some(lease) = Lease::pick(&cluster.balancer, |index| !tried[index]) {
         tried[lease.member()] = true;
         let member = &cluster.members[lease.member()];
-        let stream = match connect(member.address, shared.settings.connect_timeout).await {
+        let stream = match connect(member.address, &shared.settings).await {
             Ok(stream) => stream,
             Err(reason) => {
                 reasons.push(reason);

@@ -46,6 +46,9 @@ pub struct OffloadStats {
     pub bytes_relayed: AtomicU64,
     /// Bytes the kernel redirected, counted when a pair closes.
     pub bytes_redirected: AtomicU64,
+    /// Bytes of retransmitted skbs the verdict trimmed because they overlapped bytes already
+    /// forwarded, counted when a pair closes.
+    pub bytes_trimmed: AtomicU64,
 }
 
 /// Map file descriptors, shared by the workers (insertion) and the carrier.
@@ -420,7 +423,11 @@ impl Carrier {
                         if live.is_some_and(|t| t.generation == generation) {
                             if event.events & sys::EPOLLERR != 0 {
                                 let side = (token & 1) as usize;
-                                self.finish(slot, Some(format!("socket error on side {side}")));
+                                let error = live
+                                    .and_then(|t| t.sides[side].stream.take_error().ok().flatten())
+                                    .map_or_else(|| "unknown".to_string(), |e| e.to_string());
+                                let name = ["client", "member"][side];
+                                self.finish(slot, Some(format!("{name} socket error: {error}")));
                             } else {
                                 touched.push(slot);
                             }
@@ -525,7 +532,7 @@ impl Carrier {
             return;
         };
         if let Some(reason) = &abort {
-            tracing::debug!("offloaded pair closed: {reason}");
+            tracing::debug!("offloaded pair aborted: {reason}");
             self.stats.pairs_aborted.fetch_add(1, Ordering::Relaxed);
         }
         for side in &tunnel.sides {
@@ -538,6 +545,9 @@ impl Carrier {
                 self.stats
                     .bytes_redirected
                     .fetch_add(flow.redirected, Ordering::Relaxed);
+                self.stats
+                    .bytes_trimmed
+                    .fetch_add(flow.trimmed, Ordering::Relaxed);
             }
             let _ = sys::map_delete(self.maps.socks.as_fd(), &side.cookie);
             let _ = sys::map_delete(self.maps.links.as_fd(), &side.cookie);
@@ -555,19 +565,12 @@ impl Carrier {
     }
 }
 
-/// Whether every byte redirected from `source` has left the peer's psock queue for its socket
-/// (bytes ever written into the peer >= bytes userspace gave it + bytes redirected to it).
+/// Whether every byte redirected from the source has left the peer's psock queue for the
+/// peer's socket: bytes ever written into the peer >= what userspace gave it + what was
+/// redirected to it.
 fn pushed_through(flow: &Flow, peer: BorrowedFd) -> io::Result<bool> {
     let expected = flow.peer_base + flow.relayed + flow.kernel.redirected;
-    let written = sys::bytes_written(peer)?;
-    tracing::trace!(
-        expected,
-        written,
-        base = flow.peer_base,
-        redirected = flow.kernel.redirected,
-        "pushed through?"
-    );
-    Ok(written >= expected)
+    Ok(sys::bytes_written(peer)? >= expected)
 }
 
 /// Moves every direction of a tunnel as far as it can go without blocking.
@@ -575,109 +578,33 @@ fn advance(tunnel: &mut Tunnel, maps: &Maps, stats: &OffloadStats) -> Outcome {
     let mut wants = Wants::default();
     for from in 0..2 {
         let to = 1 - from;
-        let (source, peer) = {
-            let [a, b] = &tunnel.sides;
-            if from == 0 { (a, b) } else { (b, a) }
+        let [first, second] = &tunnel.sides;
+        let (source, peer) = if from == 0 {
+            (first, second)
+        } else {
+            (second, first)
         };
         let flow = &mut tunnel.flows[from];
         if flow.peer_shut {
             continue;
         }
-        if source.in_map {
-            match sys::map_lookup::<u64, BpfFlow>(maps.flows.as_fd(), &source.cookie) {
-                Ok(Some(kernel)) => flow.kernel = kernel,
-                Ok(None) => return Outcome::Abort("flow entry vanished".into()),
-                Err(error) => return Outcome::Abort(format!("FLOWS lookup: {error}")),
+        let step = if source.in_map {
+            relay_passed(flow, source, peer, maps, stats)
+        } else {
+            relay_plain(flow, source, peer, stats)
+        };
+        match step {
+            Ok(Wait::Nothing) => {}
+            Ok(Wait::Readable) => wants.readable[from] = true,
+            Ok(Wait::Writable) => wants.writable[to] = true,
+            Ok(Wait::Poll) => {
+                wants.drain_poll = true;
+                continue;
             }
+            Err(reason) => return Outcome::Abort(reason),
         }
-        loop {
-            // 1. Write what was read, once the kernel's own redirected bytes are ahead of it.
-            if flow.written_from < flow.buffer.len() {
-                if source.in_map && flow.pushed_through != flow.kernel.redirected {
-                    match pushed_through(flow, peer.stream.as_fd()) {
-                        Ok(true) => flow.pushed_through = flow.kernel.redirected,
-                        Ok(false) => {
-                            wants.drain_poll = true;
-                            break;
-                        }
-                        Err(error) => return Outcome::Abort(format!("peer counters: {error}")),
-                    }
-                }
-                match (&peer.stream).write(&flow.buffer[flow.written_from..]) {
-                    Ok(written) => {
-                        flow.written_from += written;
-                        flow.relayed += written as u64;
-                        stats
-                            .bytes_relayed
-                            .fetch_add(written as u64, Ordering::Relaxed);
-                        if flow.written_from == flow.buffer.len() {
-                            flow.buffer.clear();
-                            flow.written_from = 0;
-                        }
-                        if source.in_map {
-                            let link = BpfLink {
-                                peer_cookie: peer.cookie,
-                                limit: flow.limit,
-                                peer_base: flow.peer_base,
-                                relayed: flow.relayed,
-                            };
-                            if let Err(error) = sys::map_update(
-                                maps.links.as_fd(),
-                                &source.cookie,
-                                &link,
-                                sys::BPF_ANY,
-                            ) {
-                                return Outcome::Abort(format!("LINKS update: {error}"));
-                            }
-                        }
-                        continue;
-                    }
-                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                        wants.writable[to] = true;
-                        break;
-                    }
-                    Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(error) => return Outcome::Abort(format!("write to peer: {error}")),
-                }
-            }
-            // 2. Read what userspace owes: everything when the source is not in the map,
-            //    otherwise what the verdict passed back; and the FIN in both cases.
-            if flow.source_eof {
-                break;
-            }
-            let owed = !source.in_map || flow.kernel.passed > flow.read;
-            if flow.buffer.capacity() == 0 {
-                flow.buffer.reserve_exact(RELAY_CHUNK);
-            }
-            flow.buffer.resize(RELAY_CHUNK, 0);
-            match (&source.stream).read(&mut flow.buffer) {
-                Ok(0) => {
-                    flow.buffer.clear();
-                    flow.source_eof = true;
-                    break;
-                }
-                Ok(count) => {
-                    flow.buffer.truncate(count);
-                    flow.read += count as u64;
-                    continue;
-                }
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                    flow.buffer.clear();
-                    wants.readable[from] = owed;
-                    break;
-                }
-                Err(error) if error.kind() == io::ErrorKind::Interrupted => {
-                    flow.buffer.clear();
-                    continue;
-                }
-                Err(error) => return Outcome::Abort(format!("read from source: {error}")),
-            }
-        }
-        if flow.buffer.is_empty() && flow.buffer.capacity() > 0 {
-            flow.buffer = Vec::new(); // idle pairs keep no relay buffer
-        }
-        // 3. FIN: pass it on after the last byte, redirected or relayed, is in the peer socket.
-        if flow.source_eof && flow.buffer.is_empty() {
+        // FIN: pass it on after the last byte, redirected or relayed, is in the peer socket.
+        if flow.source_eof && flow.written_from == flow.buffer.len() {
             if source.in_map {
                 match pushed_through(flow, peer.stream.as_fd()) {
                     Ok(true) => {}
@@ -690,9 +617,7 @@ fn advance(tunnel: &mut Tunnel, maps: &Maps, stats: &OffloadStats) -> Outcome {
             }
             match peer.stream.shutdown(Shutdown::Write) {
                 Ok(()) => flow.peer_shut = true,
-                Err(error) if error.kind() == io::ErrorKind::NotConnected => {
-                    flow.peer_shut = true;
-                }
+                Err(error) if error.kind() == io::ErrorKind::NotConnected => flow.peer_shut = true,
                 Err(error) => return Outcome::Abort(format!("shutdown peer: {error}")),
             }
         }
@@ -701,6 +626,180 @@ fn advance(tunnel: &mut Tunnel, maps: &Maps, stats: &OffloadStats) -> Outcome {
         Outcome::Done
     } else {
         Outcome::Open(wants)
+    }
+}
+
+/// What a direction waits for before it can move again.
+enum Wait {
+    Nothing,
+    Readable,
+    Writable,
+    /// Counters must change (psock queue draining, peer queue shrinking): look again soon.
+    Poll,
+}
+
+/// A source in the sockmap: relay what the verdict passed back, in order, so redirection can
+/// resume. Never reads past the `passed` count of the latest FLOWS lookup (bytes passed later
+/// may follow bytes redirected later), and never writes before every byte redirected ahead of
+/// them has reached the peer's socket. The bytes are peeked, written, published as relayed,
+/// and only then consumed: consuming opens the source's TCP window, and by then the verdict
+/// already knows userspace has caught up, so new bytes are redirected again.
+fn relay_passed(
+    flow: &mut Flow,
+    source: &Side,
+    peer: &Side,
+    maps: &Maps,
+    stats: &OffloadStats,
+) -> Result<Wait, String> {
+    // The verdict counts a passed skb before queueing it, so a peek can see bytes a lookup
+    // just missed: one fresh lookup decides.
+    let mut looked_again = false;
+    let lookup = || match sys::map_lookup::<u64, BpfFlow>(maps.flows.as_fd(), &source.cookie) {
+        Ok(Some(kernel)) => Ok(kernel),
+        Ok(None) => Err("flow entry vanished".to_string()),
+        Err(error) => Err(format!("FLOWS lookup: {error}")),
+    };
+    loop {
+        // A lookup copies the counters without a lock: `passed` from one lookup and
+        // `redirected` from a later one, so every redirect ahead of a passed byte is counted.
+        let passed = lookup()?.passed;
+        flow.kernel = lookup()?;
+        flow.kernel.passed = passed;
+        if flow.kernel.broken != 0 {
+            return Err(
+                "a retransmission overlapped forwarded bytes and could not be trimmed".into(),
+            );
+        }
+        let owed = flow.kernel.passed.saturating_sub(flow.read);
+        if owed == 0 {
+            if flow.source_eof {
+                return Ok(Wait::Nothing);
+            }
+            // Nothing owed: only a FIN can be waiting.
+            return match source.stream.peek(&mut [0u8; 1]) {
+                Ok(0) => {
+                    flow.source_eof = true;
+                    Ok(Wait::Nothing)
+                }
+                Ok(_) if !looked_again => {
+                    looked_again = true;
+                    continue;
+                }
+                Ok(_) => Err("bytes on an offloaded socket that the verdict never saw".into()),
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => Ok(Wait::Nothing),
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                Err(error) => Err(format!("read from source: {error}")),
+            };
+        }
+        if flow.pushed_through != flow.kernel.redirected {
+            match pushed_through(flow, peer.stream.as_fd()) {
+                Ok(true) => flow.pushed_through = flow.kernel.redirected,
+                Ok(false) => return Ok(Wait::Poll),
+                Err(error) => return Err(format!("peer counters: {error}")),
+            }
+        }
+        // Relay a round only when the peer's queue leaves room for all of it under half the
+        // limit, so the redirect path has room once the round is published.
+        let queued =
+            sys::unacked_send_queue(peer.stream.as_fd()).map_err(|e| format!("peer queue: {e}"))?;
+        if queued > 0 && queued + owed > flow.limit / 2 {
+            return Ok(Wait::Poll);
+        }
+        // Short copies: the socket stays locked while userspace reads it, and a locked socket
+        // drops what overflows its backlog.
+        let mut buffer = vec![0u8; owed.min(4 * RELAY_CHUNK as u64) as usize];
+        let peeked = match source.stream.peek(&mut buffer) {
+            Ok(0) => return Ok(Wait::Readable), // counted, not yet queued
+            Ok(count) => count,
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Ok(Wait::Readable),
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+            Err(error) => return Err(format!("read from source: {error}")),
+        };
+        let position = sys::bytes_written(peer.stream.as_fd()).unwrap_or(0);
+        tracing::trace!(
+            source = source.cookie,
+            position,
+            owed,
+            peeked,
+            redirected = flow.kernel.redirected,
+            passed = flow.kernel.passed,
+            "relay round"
+        );
+        let written = match (&peer.stream).write(&buffer[..peeked]) {
+            Ok(written) => written,
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Ok(Wait::Writable),
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+            Err(error) => return Err(format!("write to peer: {error}")),
+        };
+        flow.relayed += written as u64;
+        stats
+            .bytes_relayed
+            .fetch_add(written as u64, Ordering::Relaxed);
+        let link = BpfLink {
+            peer_cookie: peer.cookie,
+            limit: flow.limit,
+            peer_base: flow.peer_base,
+            relayed: flow.relayed,
+        };
+        sys::map_update(maps.links.as_fd(), &source.cookie, &link, sys::BPF_ANY)
+            .map_err(|error| format!("LINKS update: {error}"))?;
+        // Consume exactly what was written; those bytes are at the head of the queue.
+        let mut left = written;
+        while left > 0 {
+            match (&source.stream).read(&mut buffer[..left]) {
+                Ok(0) => return Err("source ended inside bytes it had queued".into()),
+                Ok(count) => left -= count,
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                Err(error) => return Err(format!("consume relayed bytes: {error}")),
+            }
+        }
+        flow.read += written as u64;
+    }
+}
+
+/// A source outside the sockmap (it was already closing at hand-over): plain relay.
+fn relay_plain(
+    flow: &mut Flow,
+    source: &Side,
+    peer: &Side,
+    stats: &OffloadStats,
+) -> Result<Wait, String> {
+    loop {
+        if flow.written_from < flow.buffer.len() {
+            match (&peer.stream).write(&flow.buffer[flow.written_from..]) {
+                Ok(written) => {
+                    flow.written_from += written;
+                    flow.relayed += written as u64;
+                    stats
+                        .bytes_relayed
+                        .fetch_add(written as u64, Ordering::Relaxed);
+                    continue;
+                }
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                    return Ok(Wait::Writable);
+                }
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                Err(error) => return Err(format!("write to peer: {error}")),
+            }
+        }
+        // Everything read is written: idle pairs keep no relay buffer.
+        flow.buffer = Vec::new();
+        flow.written_from = 0;
+        if flow.source_eof {
+            return Ok(Wait::Nothing);
+        }
+        let mut buffer = vec![0u8; RELAY_CHUNK];
+        match (&source.stream).read(&mut buffer) {
+            Ok(0) => flow.source_eof = true,
+            Ok(count) => {
+                buffer.truncate(count);
+                flow.read += count as u64;
+                flow.buffer = buffer;
+            }
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Ok(Wait::Readable),
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+            Err(error) => return Err(format!("read from source: {error}")),
+        }
     }
 }
 

@@ -72,12 +72,18 @@ pub enum StartError {
     Worker(io::Error),
 }
 
-fn reuseport_listener(address: SocketAddr) -> io::Result<std::net::TcpListener> {
+fn reuseport_listener(
+    address: SocketAddr,
+    buffers: (usize, usize),
+) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(
         Domain::for_address(address),
         Type::STREAM,
         Some(Protocol::TCP),
     )?;
+    // Accepted sockets inherit these from the start of their window.
+    socket.set_recv_buffer_size(buffers.0)?;
+    socket.set_send_buffer_size(buffers.1)?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
     if address.is_ipv6() {
@@ -103,7 +109,7 @@ pub fn start(config: Config) -> Result<ServerHandle, StartError> {
     for listener in &config.listeners {
         let mut address = listener.address;
         for worker in &mut per_worker {
-            let bound = reuseport_listener(address)
+            let bound = reuseport_listener(address, settings.socket_buffers())
                 .map_err(|source| StartError::Listen { address, source })?;
             address = bound
                 .local_addr()

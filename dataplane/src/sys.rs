@@ -38,8 +38,13 @@ pub struct BpfFlow {
     pub redirected: u64,
     pub passed: u64,
     pub last_ns: u64,
+    pub trimmed: u64,
+    pub next_seq: u32,
+    pub seq_known: u32,
+    pub broken: u64,
 }
-// SAFETY: repr(C), three u64 fields, no padding; every bit pattern is valid.
+// SAFETY: repr(C); u64, u64, u64, u64, u32, u32, u64 leaves no padding; every bit pattern
+// is valid.
 unsafe impl Pod for BpfFlow {}
 
 #[repr(C)]

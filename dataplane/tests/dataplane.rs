@@ -1,0 +1,426 @@
+//! The data plane against real sockets, in both modes: sockmap (real BPF, needs root) and the
+//! userspace relay. Heavy and root-only, so ignored by plain `cargo test`; `cargo xtask test`
+//! runs them single-threaded in release.
+
+mod common;
+
+use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+use wsplice::config::DataplaneMode;
+use wsplice::server::ServerHandle;
+
+macro_rules! in_both_modes {
+    ($($scenario:ident),* $(,)?) => {$(
+        mod $scenario {
+            #[test]
+            #[ignore = "needs root and BPF: run with `cargo xtask test`"]
+            fn sockmap() {
+                super::$scenario(wsplice::config::DataplaneMode::Sockmap);
+            }
+            #[test]
+            #[ignore = "heavy: run with `cargo xtask test`"]
+            fn userspace() {
+                super::$scenario(wsplice::config::DataplaneMode::Userspace);
+            }
+        }
+    )*};
+}
+
+in_both_modes!(
+    one_gib_each_way_through_one_connection,
+    sixty_four_concurrent_connections_of_random_sizes,
+    ten_thousand_close_and_half_close_races,
+    bytes_around_the_handover_arrive_once_in_order,
+    a_slow_reader_holds_bounded_memory,
+    a_reset_on_either_side_closes_the_other_and_leaves_no_state,
+    byrequests_splits_held_connections_evenly,
+    least_conn_refills_the_member_that_emptied,
+);
+
+/// Small deterministic generator for test plans (seeded, so failures replay).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, bound: u64) -> u64 {
+        if bound == 0 { 0 } else { self.next() % bound }
+    }
+}
+
+/// After every pair has closed: no pair open in the carrier and, in sockmap mode, every map empty.
+fn assert_no_state_left(proxy: &ServerHandle) {
+    let Some(sockmap) = proxy.shared.dataplane.sockmap() else {
+        return;
+    };
+    let clean = wait_until(Duration::from_secs(10), || {
+        sockmap.stats.pairs_open.load(Ordering::SeqCst) == 0
+            && sockmap.map_entries().unwrap() == (0, 0, 0)
+    });
+    assert!(
+        clean,
+        "state left: {} pairs open, map entries (SOCKS, LINKS, FLOWS) = {:?}",
+        sockmap.stats.pairs_open.load(Ordering::SeqCst),
+        sockmap.map_entries().unwrap()
+    );
+}
+
+fn member_report(members: &[Member], id: u64) -> Option<MemberReport> {
+    members
+        .iter()
+        .find_map(|m| m.reports.lock().unwrap().get(&id).cloned())
+}
+
+/// Runs plans on `parallel` threads and checks both directions of every connection.
+fn run_and_check(
+    proxy: &ServerHandle,
+    members: &[Member],
+    plans: Vec<ClientPlan>,
+    parallel: usize,
+) {
+    let address = proxy.addresses[0];
+    let queue = Arc::new(Mutex::new(plans.clone()));
+    let failures = Arc::new(Mutex::new(Vec::new()));
+    let threads: Vec<_> = (0..parallel)
+        .map(|_| {
+            let (queue, failures) = (Arc::clone(&queue), Arc::clone(&failures));
+            thread::spawn(move || {
+                loop {
+                    let Some(plan) = queue.lock().unwrap().pop() else {
+                        return;
+                    };
+                    let expected_down = if plan.half_close || plan.down_len > 0 {
+                        plan.down_len
+                    } else {
+                        0
+                    };
+                    match run_client(address, &plan) {
+                        Ok(report) if report.received == Ok(expected_down) => {}
+                        Ok(report) => failures.lock().unwrap().push(format!(
+                            "client {}: expected {expected_down} down bytes, got {:?} (head {:?})",
+                            plan.id,
+                            report.received,
+                            report.head.lines().next()
+                        )),
+                        Err(error) => failures
+                            .lock()
+                            .unwrap()
+                            .push(format!("client {}: {error}", plan.id)),
+                    }
+                }
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().unwrap();
+    }
+    let failures = failures.lock().unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} of {} clients failed, first: {:?}",
+        failures.len(),
+        plans.len(),
+        &failures[..failures.len().min(5)]
+    );
+    for plan in &plans {
+        let arrived = wait_until(Duration::from_secs(20), || {
+            member_report(members, plan.id).is_some()
+        });
+        assert!(arrived, "member never reported connection {}", plan.id);
+        let report = member_report(members, plan.id).unwrap();
+        assert_eq!(
+            report.received,
+            Ok(plan.up_len),
+            "connection {}: {plan:?}",
+            plan.id
+        );
+    }
+    assert_no_state_left(proxy);
+}
+
+fn one_gib_each_way_through_one_connection(mode: DataplaneMode) {
+    const GIB: u64 = 1 << 30;
+    let members = start_members(1);
+    let bound = std::env::var("WSPLICE_TEST_BOUND")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    let proxy = start_proxy(mode, &members, "byrequests", bound);
+    let started = Instant::now();
+    run_and_check(&proxy, &members, vec![ClientPlan::simple(1, GIB, GIB)], 1);
+    eprintln!("{mode:?}: 1 GiB each way in {:?}", started.elapsed());
+    if let Some(sockmap) = proxy.shared.dataplane.sockmap() {
+        // The kernel carried the bulk: userspace relayed at most what backpressure passed.
+        let redirected = sockmap.stats.bytes_redirected.load(Ordering::SeqCst);
+        let relayed = sockmap.stats.bytes_relayed.load(Ordering::SeqCst);
+        let trimmed = sockmap.stats.bytes_trimmed.load(Ordering::SeqCst);
+        eprintln!(
+            "redirected {redirected} bytes, relayed in userspace {relayed} bytes, trimmed {trimmed} overlapping bytes"
+        );
+        assert_eq!(
+            redirected + relayed,
+            2 * GIB,
+            "every payload byte is counted once"
+        );
+    }
+    proxy.stop();
+}
+
+fn sixty_four_concurrent_connections_of_random_sizes(mode: DataplaneMode) {
+    let members = start_members(3);
+    let proxy = start_proxy(mode, &members, "byrequests", None);
+    let mut rng = Rng(0x64);
+    let plans = (0..64)
+        .map(|id| {
+            let mut plan = ClientPlan::simple(id, rng.below(16 << 20), rng.below(16 << 20));
+            plan.up_with_request = rng.below(8192);
+            plan.down_early = rng.below(8192);
+            plan
+        })
+        .collect();
+    run_and_check(&proxy, &members, plans, 64);
+    proxy.stop();
+}
+
+fn ten_thousand_close_and_half_close_races(mode: DataplaneMode) {
+    let members = start_members(3);
+    let proxy = start_proxy(mode, &members, "byrequests", None);
+    let mut rng = Rng(0x10_000);
+    let plans: Vec<ClientPlan> = (0..10_000)
+        .map(|id| {
+            let half_close = rng.below(2) == 0;
+            let up_len = rng.below(256 * 1024 + 1);
+            // A fully closing client reads nothing after the 101 (unread bytes would reset).
+            let down_len = if half_close { rng.below(64 * 1024) } else { 0 };
+            let mut plan = ClientPlan::simple(id, up_len, down_len);
+            plan.half_close = half_close;
+            // When the close lands: with the request, before the 101, or after it.
+            match rng.below(3) {
+                0 => {
+                    plan.up_with_request = up_len;
+                    plan.up_before_101 = true;
+                }
+                1 => {
+                    plan.up_with_request = rng.below(up_len + 1);
+                    plan.up_before_101 = half_close;
+                }
+                _ => plan.pause_before_close = Duration::from_micros(rng.below(2000)),
+            }
+            plan.down_early = rng.below(down_len + 1).min(4096);
+            plan.down_after_eof = rng.below(2) == 0;
+            plan
+        })
+        .collect();
+    let started = Instant::now();
+    run_and_check(&proxy, &members, plans, 32);
+    eprintln!("{mode:?}: 10,000 races in {:?}", started.elapsed());
+    proxy.stop();
+}
+
+fn bytes_around_the_handover_arrive_once_in_order(mode: DataplaneMode) {
+    let members = start_members(1);
+    let proxy = start_proxy(mode, &members, "byrequests", None);
+    let mut plans = Vec::new();
+    for id in 0..200u64 {
+        let mut plan = ClientPlan::simple(id, 200_000 + id * 997, 150_000 + id * 991);
+        plan.up_with_request = (id * 131) % 20_000; // with the request
+        plan.down_early = (id * 173) % 20_000; // with the 101
+        plan.up_before_101 = id % 2 == 0; // between the 101 and the insertion, or before it
+        plans.push(plan);
+    }
+    run_and_check(&proxy, &members, plans, 16);
+    proxy.stop();
+}
+
+fn a_slow_reader_holds_bounded_memory(mode: DataplaneMode) {
+    const BOUND: u64 = 4 << 20;
+    let members = start_members(1);
+    let proxy = start_proxy(mode, &members, "byrequests", Some(BOUND));
+    let mut stream = TcpStream::connect(proxy.addresses[0]).unwrap();
+    let mut plan = ClientPlan::simple(1, u64::MAX, 0);
+    plan.slow_member = Some(Duration::from_secs(4));
+    std::io::Write::write_all(&mut stream, upgrade_request(&plan).as_bytes()).unwrap();
+    let (head, _) = read_head(&mut stream).unwrap();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+
+    // The client pushes as fast as it can for 3 s, while the member reads 4 KiB every 10 ms.
+    let base_acked = wsplice::sys::tcp_info(std::os::fd::AsFd::as_fd(&stream))
+        .unwrap()
+        .bytes_acked;
+    let writer_stream = stream.try_clone().unwrap();
+    let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let writer = {
+        let sent = Arc::clone(&sent);
+        thread::spawn(move || {
+            let mut out = writer_stream;
+            out.set_write_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            let deadline = Instant::now() + Duration::from_secs(3);
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut offset = 0u64;
+            while Instant::now() < deadline {
+                Pattern(plan.up_seed).fill(offset, &mut buf);
+                match std::io::Write::write(&mut out, &buf) {
+                    Ok(n) => offset += n as u64,
+                    Err(_) => continue, // write timeout: the window is shut, try again
+                }
+                sent.store(offset, Ordering::SeqCst);
+            }
+            offset
+        })
+    };
+    // Held by wsplice and its kernel = bytes its client-side socket acked - bytes the member
+    // has taken (read or in its own receive queue). Sample it while the writer pushes.
+    let mut peak = 0u64;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+        let acked = wsplice::sys::tcp_info(std::os::fd::AsFd::as_fd(&stream))
+            .unwrap()
+            .bytes_acked
+            - base_acked;
+        let taken = members[0].taken.load(Ordering::SeqCst);
+        peak = peak.max(acked.saturating_sub(taken));
+    }
+    let pushed = writer.join().unwrap();
+    eprintln!(
+        "{mode:?}: client pushed {pushed} bytes in 3 s; peak held by wsplice {peak} bytes (bound {BOUND})"
+    );
+    assert!(pushed > 0);
+    assert!(
+        peak < BOUND,
+        "wsplice held {peak} bytes, over the {BOUND}-byte bound"
+    );
+    assert!(
+        peak > 0,
+        "nothing was measured as held: the measurement is broken"
+    );
+    stream.shutdown(Shutdown::Both).unwrap();
+    drop(stream);
+    assert_no_state_left(&proxy);
+    proxy.stop();
+}
+
+fn a_reset_on_either_side_closes_the_other_and_leaves_no_state(mode: DataplaneMode) {
+    let members = start_members(1);
+    let proxy = start_proxy(mode, &members, "byrequests", None);
+    for round in 0..50u64 {
+        let held = Held::open(proxy.addresses[0], round);
+        assert!(wait_until(Duration::from_secs(5), || members[0]
+            .open
+            .load(Ordering::SeqCst)
+            == 1));
+        if round % 2 == 0 {
+            held.reset();
+            let closed = wait_until(Duration::from_secs(5), || {
+                members[0].open.load(Ordering::SeqCst) == 0
+            });
+            assert!(
+                closed,
+                "round {round}: the member side stayed open after the client reset"
+            );
+        } else {
+            // The member resets its side.
+            members[0].release_with_reset.store(true, Ordering::SeqCst);
+            let ended = wait_until(Duration::from_secs(5), || held.ended());
+            members[0].release_with_reset.store(false, Ordering::SeqCst);
+            assert!(
+                ended,
+                "round {round}: the client side stayed open after the member reset"
+            );
+            assert!(wait_until(Duration::from_secs(5), || members[0]
+                .open
+                .load(Ordering::SeqCst)
+                == 0));
+        }
+    }
+    assert_no_state_left(&proxy);
+    proxy.stop();
+}
+
+/// Opens `count` held connections (each stays open until either side ends it).
+fn hold_connections(proxy: &ServerHandle, first_id: u64, count: u64) -> Vec<Held> {
+    (first_id..first_id + count)
+        .map(|id| Held::open(proxy.addresses[0], id))
+        .collect()
+}
+
+fn open_counts(members: &[Member]) -> Vec<usize> {
+    members
+        .iter()
+        .map(|m| m.open.load(Ordering::SeqCst))
+        .collect()
+}
+
+fn byrequests_splits_held_connections_evenly(mode: DataplaneMode) {
+    let members = start_members(3);
+    let proxy = start_proxy(mode, &members, "byrequests", None);
+    let held = hold_connections(&proxy, 0, 300);
+    assert!(
+        wait_until(Duration::from_secs(5), || open_counts(&members)
+            == vec![100, 100, 100]),
+        "{:?}",
+        open_counts(&members)
+    );
+    drop(held);
+    assert!(
+        wait_until(Duration::from_secs(10), || open_counts(&members)
+            == vec![0, 0, 0]),
+        "{:?}",
+        open_counts(&members)
+    );
+    assert_no_state_left(&proxy);
+    proxy.stop();
+}
+
+fn least_conn_refills_the_member_that_emptied(mode: DataplaneMode) {
+    let members = start_members(3);
+    let proxy = start_proxy(mode, &members, "least-conn", None);
+    let held = hold_connections(&proxy, 0, 300);
+    assert!(
+        wait_until(Duration::from_secs(5), || open_counts(&members)
+            == vec![100, 100, 100]),
+        "{:?}",
+        open_counts(&members)
+    );
+    // Every connection of member 0 ends (the member closes them).
+    members[0].release.store(true, Ordering::SeqCst);
+    assert!(wait_until(Duration::from_secs(10), || members[0]
+        .open
+        .load(Ordering::SeqCst)
+        == 0));
+    members[0].release.store(false, Ordering::SeqCst);
+    // The proxy must have counted those tunnels out before the next picks.
+    let tunnels_counted_out = wait_until(Duration::from_secs(10), || {
+        proxy.shared.router.clusters[0]
+            .balancer
+            .lock()
+            .unwrap()
+            .live(0)
+            == 0
+    });
+    assert!(tunnels_counted_out);
+    let more = hold_connections(&proxy, 1000, 100);
+    assert!(
+        wait_until(Duration::from_secs(5), || open_counts(&members)
+            == vec![100, 100, 100]),
+        "{:?}",
+        open_counts(&members)
+    );
+    assert_eq!(members[0].accepted.load(Ordering::SeqCst), 200);
+    drop(held);
+    drop(more);
+    assert!(wait_until(Duration::from_secs(10), || open_counts(
+        &members
+    ) == vec![0, 0, 0]));
+    assert_no_state_left(&proxy);
+    proxy.stop();
+}
