@@ -31,35 +31,76 @@ url = "ws://127.0.0.1:3001"
 fn check_accepts_a_good_config() {
     let path = write_config("good.toml", GOOD);
     let out = wsplice().args(["check", "-c"]).arg(&path).output().unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(String::from_utf8_lossy(&out.stdout).contains(": ok (1 listeners, 1 routes, 1 clusters)"));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(": ok (1 listeners, 1 routes, 1 clusters)")
+    );
 }
 
 #[test]
 fn check_names_file_and_line_and_exits_64() {
-    let path = write_config("bad.toml", &GOOD.replace("path = \"/ws\"", "path = \"/ws\"\nweight = 3"));
+    let path = write_config(
+        "bad.toml",
+        &GOOD.replace("path = \"/ws\"", "path = \"/ws\"\nweight = 3"),
+    );
     let out = wsplice().args(["check", "-c"]).arg(&path).output().unwrap();
     assert_eq!(out.status.code(), Some(64));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.starts_with(&format!("{}:6: ", path.display())), "{stderr}");
+    assert!(
+        stderr.starts_with(&format!("{}:6: ", path.display())),
+        "{stderr}"
+    );
     assert!(stderr.contains("weight"), "{stderr}");
 }
 
 #[test]
 fn run_rejects_bad_flags_with_64_before_serving() {
     let out = wsplice()
-        .args(["run", "--listen", "127.0.0.1:0", "--member", "http://x:1", "--lbmethod", "random"])
+        .args([
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--member",
+            "http://x:1",
+            "--lbmethod",
+            "random",
+        ])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("command line: member \"http://x:1\""), "{stderr}");
+    assert!(
+        stderr.contains("command line: member \"http://x:1\""),
+        "{stderr}"
+    );
     assert!(stderr.contains("unknown lbmethod \"random\""), "{stderr}");
 }
 
 #[test]
 fn a_missing_config_file_is_a_config_error() {
-    let out = wsplice().args(["check", "-c", "/nonexistent/wsplice.toml"]).output().unwrap();
+    let out = wsplice()
+        .args(["check", "-c", "/nonexistent/wsplice.toml"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(64));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/wsplice.toml: cannot read"));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("/nonexistent/wsplice.toml: cannot read")
+    );
+}
+
+#[test]
+fn the_example_config_in_the_readme_is_valid() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/wsplice.toml");
+    let out = wsplice().args(["check", "-c", path]).output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -43,7 +43,10 @@ fn is_root() -> bool {
 }
 
 fn has_clang() -> bool {
-    Command::new("clang").arg("--version").output().is_ok_and(|out| out.status.success())
+    Command::new("clang")
+        .arg("--version")
+        .output()
+        .is_ok_and(|out| out.status.success())
 }
 
 fn build_ebpf() -> Result<()> {
@@ -54,7 +57,16 @@ fn build_ebpf() -> Result<()> {
     std::fs::create_dir_all(&out_dir)?;
     let arch_include = format!("-I/usr/include/{}-linux-gnu", std::env::consts::ARCH);
     run(Command::new("clang")
-        .args(["-O2", "-g", "-target", "bpf", "-Wall", "-Werror", &arch_include, "-c"])
+        .args([
+            "-O2",
+            "-g",
+            "-target",
+            "bpf",
+            "-Wall",
+            "-Werror",
+            &arch_include,
+            "-c",
+        ])
         .arg("ebpf/wsplice.bpf.c")
         .arg("-o")
         .arg(out_dir.join("wsplice.bpf.o")))?;
@@ -64,13 +76,22 @@ fn build_ebpf() -> Result<()> {
 
 fn test() -> Result<()> {
     if !has_clang() {
-        bail!("clang is missing: the sockmap data plane cannot be built (install clang and libbpf-dev; .ci/run does)");
+        bail!(
+            "clang is missing: the sockmap data plane cannot be built (install clang and libbpf-dev; .ci/run does)"
+        );
     }
     if !is_root() {
         bail!("the data-plane tests load BPF programs and need root; run `sudo cargo xtask test`");
     }
     run(cargo().args(["fmt", "--all", "--check"]))?;
-    run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
     run(cargo().args(["test", "--workspace"]))?;
     // Real sockets and real BPF: one at a time, optimised so gigabytes move in seconds.
     run(cargo().args([
