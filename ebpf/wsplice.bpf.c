@@ -26,7 +26,10 @@ struct sk_buff_head {
 
 struct sock {
 	struct sk_buff_head sk_receive_queue;
+	__u8 sk_shutdown;
 } __attribute__((preserve_access_index));
+
+#define RCV_SHUTDOWN 1
 
 struct tcp_sock {
 	__u32 rcv_nxt;
@@ -135,7 +138,10 @@ int wsplice_verdict(struct __sk_buff *skb)
 			return pass_to_userspace(flow, cookie, len);
 		}
 	} else {
+		/* rcv_nxt counts a received FIN, which can only follow this skb's data. */
 		end_seq = self_tcp->rcv_nxt;
+		if (((struct sock *)self_tcp)->sk_shutdown & RCV_SHUTDOWN)
+			end_seq -= 1;
 	}
 	if (!flow->seq_known) {
 		/* Before the first skb, userspace has read exactly up to copied_seq. */

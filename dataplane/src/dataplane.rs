@@ -1,9 +1,8 @@
 //! Picks the carrier for an established pair and prepares the hand-over: forwards the bytes
-//! each side sent along with its handshake, drains both sockets (the verdict would redirect a
-//! partly read skb whole, duplicating its first bytes), bounds kernel buffering, and gives the
-//! pair to the sockmap or to the userspace relay.
+//! each side sent along with its handshake, then gives the pair to the sockmap or to the
+//! userspace relay. Bytes still queued on a socket, even a partly read skb, are the verdict's:
+//! it starts at the socket's copied_seq and trims what userspace already read.
 
-use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,9 +40,6 @@ pub struct Dataplane {
     /// The start-up line naming what carries each kind of pair.
     pub announcement: String,
 }
-
-/// Rounds of draining before a pair that never goes quiet is relayed in userspace instead.
-const DRAIN_ROUNDS: usize = 64;
 
 impl Dataplane {
     /// Loads the kernel path per `settings.dataplane`; `auto` falls back with a reason.
@@ -102,18 +98,13 @@ impl Dataplane {
         mut lease: Lease,
     ) {
         let _ = (client.set_nodelay(true), member.set_nodelay(true));
-        let prepared = tokio::time::timeout(self.handover_timeout, async {
+        let forwarded = tokio::time::timeout(self.handover_timeout, async {
             member.write_all(&client_early).await?;
-            client.write_all(&member_early).await?;
-            if self.sockmap.is_some() {
-                drain_both(&mut client, &mut member).await
-            } else {
-                Ok(false)
-            }
+            client.write_all(&member_early).await
         })
         .await;
-        let quiet = match prepared {
-            Ok(Ok(quiet)) => quiet,
+        match forwarded {
+            Ok(Ok(())) => {}
             Ok(Err(error)) => {
                 tracing::debug!("pair closed during hand-over: {error}");
                 return;
@@ -125,8 +116,8 @@ impl Dataplane {
                 );
                 return;
             }
-        };
-        if let (Some(sockmap), true) = (&self.sockmap, quiet) {
+        }
+        if let Some(sockmap) = &self.sockmap {
             match self.offload(sockmap, client, member, lease) {
                 Ok(()) => return,
                 Err((c, m, l)) => (client, member, lease) = (c, m, l),
@@ -169,41 +160,5 @@ impl Dataplane {
                 }
             }
         })
-    }
-}
-
-/// Reads each side until the kernel has nothing more and forwards it, until a round finds both
-/// quiet. Returns false when the pair never went quiet (it is relayed in userspace then).
-async fn drain_both(client: &mut TcpStream, member: &mut TcpStream) -> io::Result<bool> {
-    let mut buffer = vec![0u8; relay::RELAY_BUFFER];
-    for _ in 0..DRAIN_ROUNDS {
-        let from_client = drain_into(client, member, &mut buffer).await?;
-        let from_member = drain_into(member, client, &mut buffer).await?;
-        if from_client == 0 && from_member == 0 {
-            return Ok(true);
-        }
-    }
-    Ok(false)
-}
-
-/// Moves what `source` has queued to `dest`; stops at the first would-block or at EOF (a
-/// closing side cannot join the sockhash; its peer and the carrier handle the FIN).
-async fn drain_into(
-    source: &mut TcpStream,
-    dest: &mut TcpStream,
-    buffer: &mut [u8],
-) -> io::Result<u64> {
-    let mut moved = 0;
-    loop {
-        match source.try_read(buffer) {
-            Ok(0) => return Ok(moved),
-            Ok(count) => {
-                dest.write_all(&buffer[..count]).await?;
-                moved += count as u64;
-            }
-            Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Ok(moved),
-            Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
-            Err(error) => return Err(error),
-        }
     }
 }

@@ -32,6 +32,16 @@ static BPF_OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/wsplice.bpf
 const RELAY_CHUNK: usize = 64 * 1024;
 /// How often a pair waiting for its redirected bytes to leave the psock queue is looked at.
 const DRAIN_POLL: Duration = Duration::from_millis(1);
+/// How often a pair waiting for a slow peer to take bytes is looked at (no wake-up exists for
+/// a queue falling under a threshold wsplice chose): often while few pairs are open, less
+/// often when many are, so thousands of slow readers cost a bounded number of syscalls.
+fn busy_poll(open_pairs: usize) -> Duration {
+    if open_pairs <= 64 {
+        Duration::from_millis(1)
+    } else {
+        Duration::from_millis(10)
+    }
+}
 /// Token of the carrier's wake pipe and ring buffer in its epoll set.
 const WAKE_TOKEN: u64 = u64::MAX;
 const EVENTS_TOKEN: u64 = u64::MAX - 1;
@@ -164,7 +174,7 @@ impl Sockmap {
             .add(wake_reader.as_fd(), sys::EPOLLIN, WAKE_TOKEN)
             .and_then(|()| epoll.add(events.as_fd(), sys::EPOLLIN, EVENTS_TOKEN))
             .map_err(|error| format!("epoll: {error}"))?;
-        let carrier = Carrier {
+        let watcher = Watcher {
             maps: Arc::clone(&maps),
             stats: Arc::clone(&stats),
             epoll,
@@ -176,10 +186,12 @@ impl Sockmap {
             free: Vec::new(),
             by_cookie: HashMap::new(),
             draining: Vec::new(),
+            busy: Vec::new(),
+            busy_due: std::time::Instant::now(),
         };
         std::thread::Builder::new()
             .name("wsplice-offload".into())
-            .spawn(move || carrier.run())
+            .spawn(move || watcher.run())
             .map_err(|error| format!("cannot start the offload thread: {error}"))?;
         Ok(Sockmap {
             maps,
@@ -190,7 +202,7 @@ impl Sockmap {
         })
     }
 
-    /// Puts a drained pair into the sockhash and gives it to the carrier. When neither socket
+    /// Puts a pair into the sockhash and gives it to the carrier. When neither socket
     /// can join the map (both already closing), the pair comes back for the userspace relay.
     pub fn offload(&self, pair: Pair) -> Result<(), Pair> {
         let setup = |stream: &TcpStream, peer: &TcpStream| -> io::Result<(u64, u64)> {
@@ -270,14 +282,6 @@ impl Sockmap {
             sys::map_len::<u64>(self.maps.flows.as_fd())?,
         ))
     }
-
-    /// Pass events the ring buffer could not take (the carrier then sweeps every pair).
-    pub fn events_lost(&self) -> u64 {
-        sys::map_lookup::<u32, u64>(self.maps.counters.as_fd(), &0)
-            .ok()
-            .flatten()
-            .unwrap_or(0)
-    }
 }
 
 struct Side {
@@ -315,7 +319,7 @@ struct Flow {
     /// The verdict's counters as last read.
     kernel: BpfFlow,
     /// The redirected count for which the peer's psock queue was seen empty.
-    pushed_through: u64,
+    verified_redirected: u64,
     source_eof: bool,
     peer_shut: bool,
 }
@@ -330,7 +334,7 @@ impl Flow {
             relayed: 0,
             peer_base,
             kernel: BpfFlow::default(),
-            pushed_through: 0,
+            verified_redirected: 0,
             source_eof: false,
             peer_shut: false,
         }
@@ -351,6 +355,7 @@ struct Wants {
     readable: [bool; 2],
     writable: [bool; 2],
     drain_poll: bool,
+    busy_poll: bool,
 }
 
 #[derive(Debug)]
@@ -360,7 +365,7 @@ enum Outcome {
     Abort(String),
 }
 
-struct Carrier {
+struct Watcher {
     maps: Arc<Maps>,
     stats: Arc<OffloadStats>,
     epoll: sys::Epoll,
@@ -373,28 +378,37 @@ struct Carrier {
     by_cookie: HashMap<u64, usize>,
     /// Pairs waiting for redirected bytes to leave a psock queue.
     draining: Vec<usize>,
+    /// Pairs waiting for a slow peer's queue to shrink, and when they are due.
+    busy: Vec<usize>,
+    busy_due: std::time::Instant,
 }
 
 fn token(slot: usize, generation: u32, side: usize) -> u64 {
     (u64::from(generation) << 32) | ((slot as u64) << 1) | side as u64
 }
 
-impl Carrier {
+impl Watcher {
     fn run(mut self) {
         let mut ready = Vec::new();
         let mut lost_seen = 0;
         loop {
             ready.clear();
-            let timeout = if self.draining.is_empty() {
-                Some(Duration::from_millis(100))
-            } else {
+            let now = std::time::Instant::now();
+            let timeout = if !self.draining.is_empty() {
                 Some(DRAIN_POLL)
+            } else if !self.busy.is_empty() {
+                Some(self.busy_due.saturating_duration_since(now))
+            } else {
+                Some(Duration::from_millis(100))
             };
             if let Err(error) = self.epoll.wait(&mut ready, timeout) {
                 tracing::error!("offload carrier: epoll_wait failed: {error}");
                 return;
             }
             let mut touched = std::mem::take(&mut self.draining);
+            if !self.busy.is_empty() && std::time::Instant::now() >= self.busy_due {
+                touched.append(&mut self.busy);
+            }
             for event in &ready {
                 tracing::trace!(token = event.token, events = event.events, "carrier event");
                 match event.token {
@@ -519,6 +533,12 @@ impl Carrier {
                 }
                 if wants.drain_poll {
                     self.draining.push(slot);
+                } else if wants.busy_poll {
+                    if self.busy.is_empty() {
+                        self.busy_due =
+                            std::time::Instant::now() + busy_poll(self.by_cookie.len() / 2);
+                    }
+                    self.busy.push(slot);
                 }
             }
             Outcome::Done => self.finish(slot, None),
@@ -597,8 +617,12 @@ fn advance(tunnel: &mut Tunnel, maps: &Maps, stats: &OffloadStats) -> Outcome {
             Ok(Wait::Nothing) => {}
             Ok(Wait::Readable) => wants.readable[from] = true,
             Ok(Wait::Writable) => wants.writable[to] = true,
-            Ok(Wait::Poll) => {
+            Ok(Wait::Drain) => {
                 wants.drain_poll = true;
+                continue;
+            }
+            Ok(Wait::Busy) => {
+                wants.busy_poll = true;
                 continue;
             }
             Err(reason) => return Outcome::Abort(reason),
@@ -634,8 +658,10 @@ enum Wait {
     Nothing,
     Readable,
     Writable,
-    /// Counters must change (psock queue draining, peer queue shrinking): look again soon.
-    Poll,
+    /// Redirected bytes are still leaving the peer's psock queue: look again very soon.
+    Drain,
+    /// The peer's receiver is behind: look again later.
+    Busy,
 }
 
 /// A source in the sockmap: relay what the verdict passed back, in order, so redirection can
@@ -691,10 +717,10 @@ fn relay_passed(
                 Err(error) => Err(format!("read from source: {error}")),
             };
         }
-        if flow.pushed_through != flow.kernel.redirected {
+        if flow.verified_redirected != flow.kernel.redirected {
             match pushed_through(flow, peer.stream.as_fd()) {
-                Ok(true) => flow.pushed_through = flow.kernel.redirected,
-                Ok(false) => return Ok(Wait::Poll),
+                Ok(true) => flow.verified_redirected = flow.kernel.redirected,
+                Ok(false) => return Ok(Wait::Drain),
                 Err(error) => return Err(format!("peer counters: {error}")),
             }
         }
@@ -703,7 +729,7 @@ fn relay_passed(
         let queued =
             sys::unacked_send_queue(peer.stream.as_fd()).map_err(|e| format!("peer queue: {e}"))?;
         if queued > 0 && queued + owed > flow.limit / 2 {
-            return Ok(Wait::Poll);
+            return Ok(Wait::Busy);
         }
         // Short copies: the socket stays locked while userspace reads it, and a locked socket
         // drops what overflows its backlog.
@@ -715,16 +741,6 @@ fn relay_passed(
             Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
             Err(error) => return Err(format!("read from source: {error}")),
         };
-        let position = sys::bytes_written(peer.stream.as_fd()).unwrap_or(0);
-        tracing::trace!(
-            source = source.cookie,
-            position,
-            owed,
-            peeked,
-            redirected = flow.kernel.redirected,
-            passed = flow.kernel.passed,
-            "relay round"
-        );
         let written = match (&peer.stream).write(&buffer[..peeked]) {
             Ok(written) => written,
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Ok(Wait::Writable),
