@@ -11,8 +11,8 @@ use std::time::Duration;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::watch;
 
-use crate::config::{Config, ServerSettings};
-use crate::dataplane::Dataplane;
+use crate::config::{Config, DataplaneMode, ServerSettings};
+use crate::dataplane::{Carrier, Dataplane};
 use crate::router::Router;
 
 /// Counters for metrics and tests.
@@ -100,7 +100,11 @@ pub fn start(config: Config) -> Result<ServerHandle, StartError> {
     let settings = config.server.clone();
     let max_pairs = (crate::sys::open_files_limit() / 2).clamp(64, 1 << 22) as u32;
     let dataplane = Dataplane::start(&settings, max_pairs).map_err(StartError::Dataplane)?;
-    tracing::info!("{}", dataplane.announcement);
+    if settings.dataplane == DataplaneMode::Auto && dataplane.carrier() == Carrier::Userspace {
+        tracing::warn!("{}", dataplane.announcement); // a fallback: say why, once
+    } else {
+        tracing::info!("{}", dataplane.announcement);
+    }
 
     // Bind every worker's listeners here so a bad address fails start-up, not a thread.
     let mut addresses = Vec::new();

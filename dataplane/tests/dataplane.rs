@@ -57,8 +57,19 @@ impl Rng {
     }
 }
 
-/// After every pair has closed: no pair open in the carrier and, in sockmap mode, every map empty.
+/// After every pair has closed: every member's live count is back to zero, no pair is open in
+/// the carrier and, in sockmap mode, every map is empty.
 fn assert_no_state_left(proxy: &ServerHandle) {
+    let counted_out = wait_until(Duration::from_secs(10), || {
+        proxy.shared.router.clusters.iter().all(|cluster| {
+            let balancer = cluster.balancer.lock().unwrap();
+            (0..cluster.members.len()).all(|member| balancer.live(member) == 0)
+        })
+    });
+    assert!(
+        counted_out,
+        "a member still counts live tunnels after every pair closed"
+    );
     let Some(sockmap) = proxy.shared.dataplane.sockmap() else {
         return;
     };
