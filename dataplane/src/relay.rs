@@ -12,19 +12,19 @@ use crate::balancer::Lease;
 /// Bytes each direction holds in userspace at most.
 pub const RELAY_BUFFER: usize = 64 * 1024;
 
+/// Moves bytes both ways until both sides have sent their FIN (each FIN passed on after the
+/// last byte before it); returns the bytes moved client->member and member->client.
+pub async fn copy_pair(client: &mut TcpStream, member: &mut TcpStream) -> io::Result<(u64, u64)> {
+    tokio::io::copy_bidirectional_with_sizes(client, member, RELAY_BUFFER, RELAY_BUFFER).await
+}
+
 /// Carries bytes both ways until both sides have closed, then closes both.
 pub async fn carry(
     mut client: TcpStream,
     mut member: TcpStream,
     lease: Lease,
 ) -> io::Result<(u64, u64)> {
-    let result = tokio::io::copy_bidirectional_with_sizes(
-        &mut client,
-        &mut member,
-        RELAY_BUFFER,
-        RELAY_BUFFER,
-    )
-    .await;
+    let result = copy_pair(&mut client, &mut member).await;
     if result.is_err() {
         // One side failed: end the other now instead of leaving it half open.
         let _ = client.shutdown().await;

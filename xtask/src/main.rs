@@ -3,6 +3,7 @@
 //! - `cargo xtask test`: the gate (fmt, clippy), every plain test, then the data-plane tests
 //!   (real sockets, real BPF as root) single-threaded in release. Fails, never skips, when a
 //!   prerequisite is missing.
+//! - `cargo xtask relay-bench`: tokio vs io_uring for the userspace relay, CPU per GB.
 //! - `cargo xtask build-ebpf`: compiles ebpf/wsplice.bpf.c to target/bpf/ (build.rs does the
 //!   same for the library; this is for inspecting the object, e.g. with bpftool).
 #![forbid(unsafe_code)]
@@ -108,13 +109,29 @@ fn test() -> Result<()> {
     Ok(())
 }
 
+/// Measures the userspace relay with tokio and with io_uring (bench/results/relay.md).
+fn relay_bench() -> Result<()> {
+    run(cargo().args([
+        "run",
+        "--release",
+        "-p",
+        "wsplice-dataplane",
+        "--example",
+        "relay_bench",
+        "--",
+        "1",
+        "5",
+    ]))
+}
+
 fn main() -> ExitCode {
     let task = std::env::args().nth(1).unwrap_or_default();
     let result = match task.as_str() {
         "test" => test(),
         "build-ebpf" => build_ebpf(),
+        "relay-bench" => relay_bench(),
         _ => {
-            eprintln!("usage: cargo xtask <test|build-ebpf>");
+            eprintln!("usage: cargo xtask <test|build-ebpf|relay-bench>");
             return ExitCode::from(64);
         }
     };

@@ -3,6 +3,8 @@
 //! carries a `// SAFETY:` comment; the rest of the crate forbids `unsafe`.
 #![allow(unsafe_code)]
 
+pub mod uring;
+
 use std::io;
 use std::mem::{size_of, zeroed};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -378,6 +380,28 @@ pub fn open_files_limit() -> u64 {
     } else {
         1024
     }
+}
+
+/// CPU time this thread has used (CLOCK_THREAD_CPUTIME_ID), for measurements.
+pub fn thread_cpu_time() -> Duration {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `now` is a live timespec for clock_gettime to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) };
+    Duration::new(now.tv_sec as u64, now.tv_nsec as u32)
+}
+
+/// CPU time the whole process has used, all threads (io_uring's workers included).
+pub fn process_cpu_time() -> Duration {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `now` is a live timespec for clock_gettime to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut now) };
+    Duration::new(now.tv_sec as u64, now.tv_nsec as u32)
 }
 
 /// Whether this process may load BPF programs (CAP_BPF or CAP_SYS_ADMIN, in practice root).
