@@ -371,23 +371,23 @@ fn open_counts(members: &[Member]) -> Vec<usize> {
         .collect()
 }
 
+/// Waits until the members hold `expected` connections each, or fails saying what they hold.
+fn assert_open_counts(members: &[Member], expected: [usize; 3], limit: Duration) {
+    let reached = wait_until(limit, || open_counts(members) == expected);
+    assert!(
+        reached,
+        "members hold {:?}, expected {expected:?}",
+        open_counts(members)
+    );
+}
+
 fn byrequests_splits_held_connections_evenly(mode: DataplaneMode) {
     let members = start_members(3);
     let proxy = start_proxy(mode, &members, "byrequests", None);
     let held = hold_connections(&proxy, 0, 300);
-    assert!(
-        wait_until(Duration::from_secs(5), || open_counts(&members)
-            == vec![100, 100, 100]),
-        "{:?}",
-        open_counts(&members)
-    );
+    assert_open_counts(&members, [100, 100, 100], Duration::from_secs(5));
     drop(held);
-    assert!(
-        wait_until(Duration::from_secs(10), || open_counts(&members)
-            == vec![0, 0, 0]),
-        "{:?}",
-        open_counts(&members)
-    );
+    assert_open_counts(&members, [0, 0, 0], Duration::from_secs(10));
     assert_no_state_left(&proxy);
     proxy.stop();
 }
@@ -396,12 +396,7 @@ fn least_conn_refills_the_member_that_emptied(mode: DataplaneMode) {
     let members = start_members(3);
     let proxy = start_proxy(mode, &members, "least-conn", None);
     let held = hold_connections(&proxy, 0, 300);
-    assert!(
-        wait_until(Duration::from_secs(5), || open_counts(&members)
-            == vec![100, 100, 100]),
-        "{:?}",
-        open_counts(&members)
-    );
+    assert_open_counts(&members, [100, 100, 100], Duration::from_secs(5));
     // Every connection of member 0 ends (the member closes them).
     members[0].release.store(true, Ordering::SeqCst);
     assert!(wait_until(Duration::from_secs(10), || members[0]
@@ -420,18 +415,11 @@ fn least_conn_refills_the_member_that_emptied(mode: DataplaneMode) {
     });
     assert!(tunnels_counted_out);
     let more = hold_connections(&proxy, 1000, 100);
-    assert!(
-        wait_until(Duration::from_secs(5), || open_counts(&members)
-            == vec![100, 100, 100]),
-        "{:?}",
-        open_counts(&members)
-    );
+    assert_open_counts(&members, [100, 100, 100], Duration::from_secs(5));
     assert_eq!(members[0].accepted.load(Ordering::SeqCst), 200);
     drop(held);
     drop(more);
-    assert!(wait_until(Duration::from_secs(10), || open_counts(
-        &members
-    ) == vec![0, 0, 0]));
+    assert_open_counts(&members, [0, 0, 0], Duration::from_secs(10));
     assert_no_state_left(&proxy);
     proxy.stop();
 }

@@ -382,26 +382,24 @@ pub fn open_files_limit() -> u64 {
     }
 }
 
-/// CPU time this thread has used (CLOCK_THREAD_CPUTIME_ID), for measurements.
-pub fn thread_cpu_time() -> Duration {
+fn clock(id: libc::clockid_t) -> Duration {
     let mut now = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: `now` is a live timespec for clock_gettime to fill.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) };
+    unsafe { libc::clock_gettime(id, &mut now) };
     Duration::new(now.tv_sec as u64, now.tv_nsec as u32)
+}
+
+/// CPU time this thread has used, for measurements.
+pub fn thread_cpu_time() -> Duration {
+    clock(libc::CLOCK_THREAD_CPUTIME_ID)
 }
 
 /// CPU time the whole process has used, all threads (io_uring's workers included).
 pub fn process_cpu_time() -> Duration {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `now` is a live timespec for clock_gettime to fill.
-    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut now) };
-    Duration::new(now.tv_sec as u64, now.tv_nsec as u32)
+    clock(libc::CLOCK_PROCESS_CPUTIME_ID)
 }
 
 /// Whether this process may load BPF programs (CAP_BPF or CAP_SYS_ADMIN, in practice root).
