@@ -100,3 +100,49 @@ fn the_demo_prints_its_url_and_mode_serves_the_page_and_balances_websockets() {
         "{answers:?}"
     );
 }
+
+#[test]
+fn without_root_the_relay_carries_the_bytes_and_one_warning_says_why() {
+    let binary = env!("CARGO_BIN_EXE_wsplice");
+    let is_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0\n"));
+    let mut command = if is_root {
+        // Drop to nobody, as an unprivileged user would run it, from a copy nobody can reach
+        // (the build directory may not be).
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("wsplice-nobody-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let copy = dir.join("wsplice");
+        std::fs::copy(binary, &copy).unwrap();
+        std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let mut setpriv = Command::new("setpriv");
+        setpriv
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(copy);
+        setpriv
+    } else {
+        Command::new(binary)
+    };
+    let mut child = command
+        .args(["demo", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+    let url = stdout.next().unwrap().unwrap();
+    let mode = stdout.next().unwrap().unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+    let first_log = stderr.next().unwrap().unwrap();
+    let _demo = Demo(child);
+    assert!(url.contains("http://127.0.0.1:"), "{url}");
+    assert!(mode.ends_with("data plane: userspace"), "{mode}");
+    assert!(first_log.contains("WARN"), "{first_log}");
+    assert!(
+        first_log.contains("userspace relay, because not running as root"),
+        "{first_log}"
+    );
+}
