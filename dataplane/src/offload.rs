@@ -1,6 +1,6 @@
 //! Kernel offload of established pairs (ws:// <-> ws://): BPF sockmap redirection.
 //!
-//! A pair is handed over after its early bytes are forwarded and both sockets are drained. Both
+//! A pair is handed over after the bytes that came with its handshake are forwarded. Both
 //! sockets then join the SOCKS sockhash; the verdict in ebpf/wsplice.bpf.c redirects each side's
 //! bytes to the other's egress. One carrier thread watches every offloaded pair through its own
 //! epoll set (RDHUP and errors only, so redirected bytes never wake userspace) and:
@@ -223,6 +223,12 @@ impl Sockmap {
             sys::map_update(self.maps.links.as_fd(), &cookie, &link, sys::BPF_ANY)?;
             Ok((cookie, link.peer_base))
         };
+        let forget = |cookies: &[u64]| {
+            for cookie in cookies {
+                let _ = sys::map_delete(self.maps.links.as_fd(), cookie);
+                let _ = sys::map_delete(self.maps.flows.as_fd(), cookie);
+            }
+        };
         let prepared = setup(&pair.client, &pair.member)
             .and_then(|client| Ok((client, setup(&pair.member, &pair.client)?)));
         // Each setup returns the source's cookie and what was written into its peer so far.
@@ -230,6 +236,9 @@ impl Sockmap {
             Ok(prepared) => prepared,
             Err(error) => {
                 tracing::warn!("offload setup failed ({error}); relaying this pair in userspace");
+                let cookies = [&pair.client, &pair.member]
+                    .map(|stream| sys::socket_cookie(stream.as_fd()).ok());
+                forget(&cookies.into_iter().flatten().collect::<Vec<_>>());
                 return Err(pair);
             }
         };
@@ -242,14 +251,11 @@ impl Sockmap {
         let client_in_map = insert(&pair.client, client_cookie);
         let member_in_map = insert(&pair.member, member_cookie);
         if !client_in_map && !member_in_map {
-            for cookie in [client_cookie, member_cookie] {
-                let _ = sys::map_delete(self.maps.links.as_fd(), &cookie);
-                let _ = sys::map_delete(self.maps.flows.as_fd(), &cookie);
-            }
+            forget(&[client_cookie, member_cookie]);
             return Err(pair);
         }
-        // Bytes queued between the drain and the insertion wait for a data-ready call: setting
-        // SO_RCVLOWAT makes one, so the verdict sees them.
+        // Bytes queued before the insertion wait for a data-ready call: setting SO_RCVLOWAT
+        // makes one, so the verdict sees them (and trims what userspace already read).
         for (stream, in_map) in [(&pair.client, client_in_map), (&pair.member, member_in_map)] {
             if in_map && let Err(error) = sys::set_rcvlowat(stream.as_fd(), 1) {
                 tracing::debug!("SO_RCVLOWAT after insertion: {error}");
