@@ -3,6 +3,7 @@
 //! - `cargo xtask test`: the gate (fmt, clippy), every plain test, then the data-plane tests
 //!   (real sockets, real BPF as root) single-threaded in release. Fails, never skips, when a
 //!   prerequisite is missing.
+//! - `cargo xtask bench [--quick] [--only TARGET]`: wsplice against nginx, HAProxy and Apache.
 //! - `cargo xtask relay-bench`: tokio vs io_uring for the userspace relay, CPU per GB.
 //! - `cargo xtask build-ebpf`: compiles ebpf/wsplice.bpf.c to target/bpf/ (build.rs does the
 //!   same for the library; this is for inspecting the object, e.g. with bpftool).
@@ -109,6 +110,43 @@ fn test() -> Result<()> {
     Ok(())
 }
 
+/// Benchmarks wsplice against nginx, HAProxy and Apache (bench/results/latest.{json,md}).
+fn bench(extra: &[String]) -> Result<()> {
+    if !is_root() {
+        bail!("the benchmark loads BPF and starts nginx/HAProxy/Apache: run it as root");
+    }
+    let missing: Vec<&str> = [
+        ("haproxy", "haproxy"),
+        ("nginx", "nginx"),
+        ("apache2", "apache2"),
+    ]
+    .into_iter()
+    .filter(|(binary, _)| {
+        !Command::new("which")
+            .arg(binary)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    })
+    .map(|(_, package)| package)
+    .collect();
+    if !missing.is_empty() {
+        run(Command::new("apt-get").arg("update").arg("-qq"))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-qq"])
+            .args(&missing))?;
+        // The packages start their default services; the benchmark runs its own.
+        for service in &missing {
+            let _ = Command::new("systemctl").args(["stop", service]).status();
+        }
+    }
+    run(cargo().args(["build", "--release", "-p", "wsplice", "-p", "wsplice-bench"]))?;
+    // The load and the echo members on core 1; each target pins itself to core 0.
+    run(Command::new("taskset")
+        .args(["-c", "1"])
+        .arg(workspace_root().join("target/release/wsplice-bench"))
+        .args(extra))
+}
+
 /// Measures the userspace relay with tokio and with io_uring (bench/results/relay.md).
 fn relay_bench() -> Result<()> {
     run(cargo().args([
@@ -126,12 +164,16 @@ fn relay_bench() -> Result<()> {
 
 fn main() -> ExitCode {
     let task = std::env::args().nth(1).unwrap_or_default();
+    let extra: Vec<String> = std::env::args().skip(2).collect();
     let result = match task.as_str() {
+        "bench" => bench(&extra),
         "test" => test(),
         "build-ebpf" => build_ebpf(),
         "relay-bench" => relay_bench(),
         _ => {
-            eprintln!("usage: cargo xtask <test|build-ebpf|relay-bench>");
+            eprintln!(
+                "usage: cargo xtask <test|bench [--quick] [--only TARGET]|build-ebpf|relay-bench>"
+            );
             return ExitCode::from(64);
         }
     };

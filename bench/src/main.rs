@@ -1,0 +1,414 @@
+//! wsplice benchmarks: starts echo members and each target (pinned to core 0; this process,
+//! with the load and the members, runs on the other cores), runs the scenarios, and writes
+//! bench/results/latest.{json,md}. Run through `cargo xtask bench [--quick]`.
+#![forbid(unsafe_code)]
+
+mod load;
+mod ws;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+
+const PROXY_PORT: u16 = 19100;
+const MEMBER_PORTS: [u16; 3] = [19101, 19102, 19103];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    Direct,
+    WspliceSockmap,
+    WspliceUserspace,
+    Haproxy,
+    Nginx,
+    Apache,
+}
+
+impl Target {
+    const ALL: [Target; 6] = [
+        Target::Direct,
+        Target::WspliceSockmap,
+        Target::WspliceUserspace,
+        Target::Haproxy,
+        Target::Nginx,
+        Target::Apache,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Target::Direct => "direct (no proxy)",
+            Target::WspliceSockmap => "wsplice sockmap",
+            Target::WspliceUserspace => "wsplice userspace",
+            Target::Haproxy => "HAProxy",
+            Target::Nginx => "nginx",
+            Target::Apache => "Apache httpd",
+        }
+    }
+}
+
+/// A proxy under test, in its own process group so its whole tree can be measured and stopped.
+struct Running {
+    child: Child,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let pgid = self.child.id();
+        let _ = Command::new("kill")
+            .args(["-TERM", "--", &format!("-{pgid}")]) // `--`: a negative pid names the group
+            .status();
+        std::thread::sleep(Duration::from_millis(300));
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{pgid}")])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn fill_template(name: &str, dir: &Path) -> Result<PathBuf> {
+    let text = std::fs::read_to_string(root().join("bench/peers").join(name))?;
+    let text = text
+        .replace("{{PORT}}", &PROXY_PORT.to_string())
+        .replace("{{M1}}", &MEMBER_PORTS[0].to_string())
+        .replace("{{M2}}", &MEMBER_PORTS[1].to_string())
+        .replace("{{M3}}", &MEMBER_PORTS[2].to_string())
+        .replace("{{DIR}}", &dir.display().to_string());
+    let path = dir.join(name);
+    std::fs::write(&path, text)?;
+    Ok(path)
+}
+
+/// Starts a target pinned to core 0; `None` for direct.
+fn start_target(target: Target, dir: &Path) -> Result<Option<Running>> {
+    use std::os::unix::process::CommandExt;
+    if target != Target::Direct && std::net::TcpStream::connect(("127.0.0.1", PROXY_PORT)).is_ok() {
+        bail!("port {PROXY_PORT} is already in use (a target left from an earlier run?)");
+    }
+    let mut command = Command::new("taskset");
+    command.args(["-c", "0"]);
+    let members: Vec<String> = MEMBER_PORTS
+        .iter()
+        .map(|p| format!("ws://127.0.0.1:{p}"))
+        .collect();
+    match target {
+        Target::Direct => return Ok(None),
+        Target::WspliceSockmap | Target::WspliceUserspace => {
+            command.arg(root().join("target/release/wsplice")).args([
+                "run",
+                "--listen",
+                &format!("127.0.0.1:{PROXY_PORT}"),
+                "--workers",
+                "1",
+                "--dataplane",
+                if target == Target::WspliceSockmap {
+                    "sockmap"
+                } else {
+                    "userspace"
+                },
+            ]);
+            for member in &members {
+                command.args(["--member", member]);
+            }
+        }
+        Target::Haproxy => {
+            let config = fill_template("haproxy.cfg", dir)?;
+            command.args(["haproxy", "-db", "-f"]).arg(config);
+        }
+        Target::Nginx => {
+            let config = fill_template("nginx.conf", dir)?;
+            command
+                .args(["nginx", "-p"])
+                .arg(dir)
+                .arg("-c")
+                .arg(config)
+                .args(["-g", "daemon off;"]);
+        }
+        Target::Apache => {
+            let config = fill_template("apache2.conf", dir)?;
+            command.args(["apache2", "-DFOREGROUND", "-f"]).arg(config);
+        }
+    }
+    command
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(std::fs::File::create(dir.join("stderr.log"))?));
+    command.process_group(0);
+    let child = command
+        .spawn()
+        .with_context(|| format!("cannot start {}", target.name()))?;
+    let running = Running { child };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", PROXY_PORT)).is_err() {
+        if Instant::now() > deadline {
+            bail!(
+                "{} did not listen within 10 s (see {})",
+                target.name(),
+                dir.join("stderr.log").display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(Some(running))
+}
+
+/// CPU ticks (user + system) used by every process in `pgid`.
+fn group_ticks(pgid: u32) -> u64 {
+    let mut total = 0;
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let Some(after) = stat.rsplit_once(')').map(|(_, rest)| rest) else {
+            continue;
+        };
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        // After "pid (comm)": state ppid pgrp ... utime is field 14, stime 15 (1-based overall).
+        if fields.get(2).and_then(|f| f.parse::<u32>().ok()) == Some(pgid) {
+            let utime: u64 = fields.get(11).and_then(|f| f.parse().ok()).unwrap_or(0);
+            let stime: u64 = fields.get(12).and_then(|f| f.parse().ok()).unwrap_or(0);
+            total += utime + stime;
+        }
+    }
+    total
+}
+
+/// Busy ticks of the whole machine (everything but idle and iowait).
+fn machine_busy_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    let total: u64 = fields.iter().take(8).sum();
+    total - fields.get(3).copied().unwrap_or(0) - fields.get(4).copied().unwrap_or(0)
+}
+
+const TICKS_PER_SECOND: f64 = 100.0;
+
+#[derive(Debug, Clone, Serialize)]
+struct Sample {
+    value: f64,
+    proxy_cpu_seconds: f64,
+    machine_cpu_seconds: f64,
+    /// GB carried by the proxy (both directions), or thousands of handshakes.
+    work: f64,
+    failures: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct Row {
+    scenario: String,
+    target: String,
+    unit: String,
+    work_unit: String,
+    median: f64,
+    min: f64,
+    max: f64,
+    proxy_cpu_per_work: f64,
+    machine_cpu_per_work: f64,
+    samples: Vec<Sample>,
+}
+
+#[derive(Clone, Copy)]
+enum Scenario {
+    Throughput { size: usize },
+    Handshakes,
+}
+
+impl Scenario {
+    fn name(self) -> String {
+        match self {
+            Scenario::Throughput { size } => {
+                format!("throughput, 50 connections, {} KiB messages", size / 1024)
+            }
+            Scenario::Handshakes => {
+                "handshakes (connect, upgrade, one echo, close), 50 concurrent".into()
+            }
+        }
+    }
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    values[values.len() / 2]
+}
+
+fn main() -> Result<()> {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let runs = if quick { 1 } else { 3 };
+    let seconds = if quick { 3 } else { 8 };
+    let only: Option<String> = std::env::args().skip_while(|a| a != "--only").nth(1);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let member_addresses: Vec<SocketAddr> = MEMBER_PORTS
+        .iter()
+        .map(|p| SocketAddr::from(([127, 0, 0, 1], *p)))
+        .collect();
+    runtime.block_on(async {
+        for address in &member_addresses {
+            load::start_member(*address).await?;
+        }
+        anyhow::Ok(())
+    })?;
+    let scenarios = [
+        Scenario::Throughput { size: 64 * 1024 },
+        Scenario::Throughput { size: 4 * 1024 },
+        Scenario::Handshakes,
+    ];
+    let work_dir = std::env::temp_dir().join(format!("wsplice-bench-{}", std::process::id()));
+    let mut rows = Vec::new();
+    for scenario in scenarios {
+        for target in Target::ALL {
+            if only
+                .as_deref()
+                .is_some_and(|o| !target.name().to_lowercase().contains(&o.to_lowercase()))
+            {
+                continue;
+            }
+            let mut samples = Vec::new();
+            for _ in 0..runs {
+                // A fresh proxy per run: nothing carried over between measurements.
+                let dir = work_dir.join(format!("{:?}", target).to_lowercase());
+                std::fs::create_dir_all(&dir)?;
+                let running = start_target(target, &dir)?;
+                let pgid = running.as_ref().map(|r| r.child.id());
+                let targets = if target == Target::Direct {
+                    member_addresses.clone()
+                } else {
+                    vec![SocketAddr::from(([127, 0, 0, 1], PROXY_PORT))]
+                };
+                let proxy_before = pgid.map_or(0, group_ticks);
+                let machine_before = machine_busy_ticks();
+                let duration = Duration::from_secs(seconds);
+                let outcome = runtime.block_on(async {
+                    match scenario {
+                        Scenario::Throughput { size } => {
+                            load::throughput(&targets, 50, size, 4, duration).await
+                        }
+                        Scenario::Handshakes => load::handshakes(&targets, 50, duration).await,
+                    }
+                });
+                let proxy_seconds =
+                    (pgid.map_or(0, group_ticks) - proxy_before) as f64 / TICKS_PER_SECOND;
+                let machine_seconds =
+                    (machine_busy_ticks() - machine_before) as f64 / TICKS_PER_SECOND;
+                drop(running);
+                if let Some(why) = &outcome.first_failure {
+                    eprintln!(
+                        "{} / {}: {} failures, first: {why}",
+                        target.name(),
+                        scenario.name(),
+                        outcome.failures
+                    );
+                }
+                let elapsed = outcome.elapsed.as_secs_f64();
+                let (value, work) = match scenario {
+                    Scenario::Throughput { .. } => (
+                        outcome.echoed_bytes as f64 / 1e6 / elapsed,
+                        2.0 * outcome.echoed_bytes as f64 / 1e9,
+                    ),
+                    Scenario::Handshakes => (
+                        outcome.completed as f64 / elapsed,
+                        outcome.completed as f64 / 1000.0,
+                    ),
+                };
+                eprintln!(
+                    "{:<20} {:<70} {value:>10.0}  proxy CPU {proxy_seconds:.2} s, machine CPU {machine_seconds:.2} s, failures {}",
+                    target.name(),
+                    scenario.name(),
+                    outcome.failures
+                );
+                samples.push(Sample {
+                    value,
+                    proxy_cpu_seconds: proxy_seconds,
+                    machine_cpu_seconds: machine_seconds,
+                    work,
+                    failures: outcome.failures,
+                });
+            }
+            let mut values: Vec<f64> = samples.iter().map(|s| s.value).collect();
+            let mut proxy: Vec<f64> = samples
+                .iter()
+                .map(|s| s.proxy_cpu_seconds / s.work.max(1e-9))
+                .collect();
+            let mut machine: Vec<f64> = samples
+                .iter()
+                .map(|s| s.machine_cpu_seconds / s.work.max(1e-9))
+                .collect();
+            let (unit, work_unit) = match scenario {
+                Scenario::Throughput { .. } => ("echo MB/s", "GB carried"),
+                Scenario::Handshakes => ("handshakes/s", "1,000 handshakes"),
+            };
+            rows.push(Row {
+                scenario: scenario.name(),
+                target: target.name().into(),
+                unit: unit.into(),
+                work_unit: work_unit.into(),
+                median: median(&mut values),
+                min: values[0],
+                max: values[values.len() - 1],
+                proxy_cpu_per_work: median(&mut proxy),
+                machine_cpu_per_work: median(&mut machine),
+                samples,
+            });
+        }
+    }
+    write_results(&rows, quick, runs, seconds)
+}
+
+fn write_results(rows: &[Row], quick: bool, runs: usize, seconds: u64) -> Result<()> {
+    let dir = root().join("bench/results");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("latest.json"), serde_json::to_string_pretty(rows)?)?;
+    let mut markdown = format!(
+        "# wsplice benchmark results\n\n`cargo xtask bench{}`: {runs} run(s) of {seconds} s per target and \
+         scenario, a fresh proxy per run, proxy pinned to core 0, load and echo members on core 1. \
+         Machine: {} cores, kernel {}.\n",
+        if quick { " --quick" } else { "" },
+        std::fs::read_to_string("/proc/cpuinfo")
+            .unwrap_or_default()
+            .lines()
+            .filter(|line| line.starts_with("processor"))
+            .count(),
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim(),
+    );
+    let mut scenario = String::new();
+    for row in rows {
+        if row.scenario != scenario {
+            scenario = row.scenario.clone();
+            markdown.push_str(&format!(
+                "\n## {scenario}\n\n| target | {} (median, min-max) | proxy CPU s per {} | machine CPU s per {} |\n|---|---|---|---|\n",
+                row.unit, row.work_unit, row.work_unit
+            ));
+        }
+        markdown.push_str(&format!(
+            "| {} | {:.0} ({:.0}-{:.0}) | {:.3} | {:.3} |\n",
+            row.target,
+            row.median,
+            row.min,
+            row.max,
+            row.proxy_cpu_per_work,
+            row.machine_cpu_per_work
+        ));
+    }
+    std::fs::write(dir.join("latest.md"), &markdown)?;
+    println!("{markdown}");
+    Ok(())
+}
