@@ -17,6 +17,63 @@ use serde::Serialize;
 const PROXY_PORT: u16 = 19100;
 const MEMBER_PORTS: [u16; 3] = [19101, 19102, 19103];
 
+/// Where the proxy runs relative to the load.
+#[derive(Debug, Clone, Copy)]
+struct Topology {
+    /// The proxy's listening address; the members' address.
+    listen: std::net::Ipv4Addr,
+    members: std::net::Ipv4Addr,
+    /// The network namespace the proxy runs in, if any.
+    netns: Option<&'static str>,
+}
+
+/// Everything on loopback: the receiving side's softirq runs on the sender's CPU, so a
+/// kernel data plane's work lands on the load's core.
+const LOOPBACK: Topology = Topology {
+    listen: std::net::Ipv4Addr::new(127, 0, 0, 1),
+    members: std::net::Ipv4Addr::new(127, 0, 0, 1),
+    netns: None,
+};
+
+/// The proxy in its own network namespace behind a veth pair, with receive packet steering
+/// putting the proxy side's receive processing on core 0 and the load side's on core 1, as
+/// NIC queues would on an edge node. Addresses exist only inside namespaces made here.
+const NETNS: Topology = Topology {
+    listen: std::net::Ipv4Addr::new(10, 77, 0, 2),
+    members: std::net::Ipv4Addr::new(10, 77, 0, 1),
+    netns: Some("wsplice-bench"),
+};
+
+fn sh(command: &str) -> Result<()> {
+    let status = Command::new("sh").arg("-c").arg(command).status()?;
+    if !status.success() {
+        bail!("`{command}` failed: {status}");
+    }
+    Ok(())
+}
+
+/// Creates (anew) the proxy's namespace and the veth pair to it.
+fn set_up_netns() -> Result<()> {
+    let _ = sh("ip netns del wsplice-bench 2>/dev/null; ip link del wsb-host 2>/dev/null");
+    sh("ip netns add wsplice-bench")?;
+    sh("ip link add wsb-host type veth peer name wsb-proxy")?;
+    sh("ip link set wsb-proxy netns wsplice-bench")?;
+    sh("ip addr add 10.77.0.1/24 dev wsb-host && ip link set wsb-host up")?;
+    sh(
+        "ip netns exec wsplice-bench sh -c 'ip addr add 10.77.0.2/24 dev wsb-proxy && ip link set wsb-proxy up && ip link set lo up'",
+    )?;
+    // Receive steering: packets for the proxy are processed on core 0, for the load on core 1.
+    sh("echo 2 > /sys/class/net/wsb-host/queues/rx-0/rps_cpus")?;
+    sh(
+        "ip netns exec wsplice-bench sh -c 'echo 1 > /sys/class/net/wsb-proxy/queues/rx-0/rps_cpus'",
+    )?;
+    Ok(())
+}
+
+fn tear_down_netns() {
+    let _ = sh("ip netns del wsplice-bench 2>/dev/null; ip link del wsb-host 2>/dev/null");
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Target {
     Direct,
@@ -75,9 +132,11 @@ fn root() -> PathBuf {
         .to_path_buf()
 }
 
-fn fill_template(name: &str, dir: &Path) -> Result<PathBuf> {
+fn fill_template(name: &str, dir: &Path, topology: Topology) -> Result<PathBuf> {
     let text = std::fs::read_to_string(root().join("bench/peers").join(name))?;
     let text = text
+        .replace("{{LISTEN}}", &topology.listen.to_string())
+        .replace("{{MEMBERS}}", &topology.members.to_string())
         .replace("{{PORT}}", &PROXY_PORT.to_string())
         .replace("{{M1}}", &MEMBER_PORTS[0].to_string())
         .replace("{{M2}}", &MEMBER_PORTS[1].to_string())
@@ -89,16 +148,27 @@ fn fill_template(name: &str, dir: &Path) -> Result<PathBuf> {
 }
 
 /// Starts a target pinned to core 0; `None` for direct.
-fn start_target(target: Target, dir: &Path) -> Result<Option<Running>> {
+fn start_target(target: Target, dir: &Path, topology: Topology) -> Result<Option<Running>> {
     use std::os::unix::process::CommandExt;
-    if target != Target::Direct && std::net::TcpStream::connect(("127.0.0.1", PROXY_PORT)).is_ok() {
+    let proxy = (topology.listen, PROXY_PORT);
+    if target != Target::Direct && std::net::TcpStream::connect(proxy).is_ok() {
         bail!("port {PROXY_PORT} is already in use (a target left from an earlier run?)");
     }
-    let mut command = Command::new("taskset");
-    command.args(["-c", "0"]);
+    let mut command = match topology.netns {
+        Some(netns) => {
+            let mut command = Command::new("ip");
+            command.args(["netns", "exec", netns, "taskset", "-c", "0"]);
+            command
+        }
+        None => {
+            let mut command = Command::new("taskset");
+            command.args(["-c", "0"]);
+            command
+        }
+    };
     let members: Vec<String> = MEMBER_PORTS
         .iter()
-        .map(|p| format!("ws://127.0.0.1:{p}"))
+        .map(|p| format!("ws://{}:{p}", topology.members))
         .collect();
     match target {
         Target::Direct => return Ok(None),
@@ -106,7 +176,7 @@ fn start_target(target: Target, dir: &Path) -> Result<Option<Running>> {
             command.arg(root().join("target/release/wsplice")).args([
                 "run",
                 "--listen",
-                &format!("127.0.0.1:{PROXY_PORT}"),
+                &format!("{}:{PROXY_PORT}", topology.listen),
                 "--workers",
                 "1",
                 "--dataplane",
@@ -121,11 +191,11 @@ fn start_target(target: Target, dir: &Path) -> Result<Option<Running>> {
             }
         }
         Target::Haproxy => {
-            let config = fill_template("haproxy.cfg", dir)?;
+            let config = fill_template("haproxy.cfg", dir, topology)?;
             command.args(["haproxy", "-db", "-f"]).arg(config);
         }
         Target::Nginx => {
-            let config = fill_template("nginx.conf", dir)?;
+            let config = fill_template("nginx.conf", dir, topology)?;
             command
                 .args(["nginx", "-p"])
                 .arg(dir)
@@ -134,7 +204,7 @@ fn start_target(target: Target, dir: &Path) -> Result<Option<Running>> {
                 .args(["-g", "daemon off;"]);
         }
         Target::Apache => {
-            let config = fill_template("apache2.conf", dir)?;
+            let config = fill_template("apache2.conf", dir, topology)?;
             command.args(["apache2", "-DFOREGROUND", "-f"]).arg(config);
         }
     }
@@ -147,7 +217,7 @@ fn start_target(target: Target, dir: &Path) -> Result<Option<Running>> {
         .with_context(|| format!("cannot start {}", target.name()))?;
     let running = Running { child };
     let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", PROXY_PORT)).is_err() {
+    while std::net::TcpStream::connect(proxy).is_err() {
         if Instant::now() > deadline {
             bail!(
                 "{} did not listen within 10 s (see {})",
@@ -251,13 +321,19 @@ fn main() -> Result<()> {
     let runs = if quick { 1 } else { 3 };
     let seconds = if quick { 3 } else { 8 };
     let only: Option<String> = std::env::args().skip_while(|a| a != "--only").nth(1);
+    let topology = if std::env::args().any(|a| a == "--loopback") {
+        LOOPBACK
+    } else {
+        set_up_netns()?;
+        NETNS
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()?;
     let member_addresses: Vec<SocketAddr> = MEMBER_PORTS
         .iter()
-        .map(|p| SocketAddr::from(([127, 0, 0, 1], *p)))
+        .map(|p| SocketAddr::from((topology.members, *p)))
         .collect();
     runtime.block_on(async {
         for address in &member_addresses {
@@ -285,12 +361,12 @@ fn main() -> Result<()> {
                 // A fresh proxy per run: nothing carried over between measurements.
                 let dir = work_dir.join(format!("{:?}", target).to_lowercase());
                 std::fs::create_dir_all(&dir)?;
-                let running = start_target(target, &dir)?;
+                let running = start_target(target, &dir, topology)?;
                 let pgid = running.as_ref().map(|r| r.child.id());
                 let targets = if target == Target::Direct {
                     member_addresses.clone()
                 } else {
-                    vec![SocketAddr::from(([127, 0, 0, 1], PROXY_PORT))]
+                    vec![SocketAddr::from((topology.listen, PROXY_PORT))]
                 };
                 let proxy_before = pgid.map_or(0, group_ticks);
                 let machine_before = machine_busy_ticks();
@@ -368,18 +444,38 @@ fn main() -> Result<()> {
             });
         }
     }
-    write_results(&rows, quick, runs, seconds)
+    if topology.netns.is_some() {
+        tear_down_netns();
+    }
+    write_results(&rows, quick, runs, seconds, topology)
 }
 
-fn write_results(rows: &[Row], quick: bool, runs: usize, seconds: u64) -> Result<()> {
+fn write_results(
+    rows: &[Row],
+    quick: bool,
+    runs: usize,
+    seconds: u64,
+    topology: Topology,
+) -> Result<()> {
     let dir = root().join("bench/results");
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join("latest.json"), serde_json::to_string_pretty(rows)?)?;
     let mut markdown = format!(
-        "# wsplice benchmark results\n\n`cargo xtask bench{}`: {runs} run(s) of {seconds} s per target and \
-         scenario, a fresh proxy per run, proxy pinned to core 0, load and echo members on core 1. \
+        "# wsplice benchmark results\n\n`cargo xtask bench{}{}`: {runs} run(s) of {seconds} s per target and \
+         scenario, a fresh proxy per run, proxy pinned to core 0, load and echo members on core 1; {}. \
          Machine: {} cores, kernel {}.\n",
         if quick { " --quick" } else { "" },
+        if topology.netns.is_some() {
+            ""
+        } else {
+            " --loopback"
+        },
+        if topology.netns.is_some() {
+            "the proxy in its own network namespace behind a veth pair, receive processing for the \
+             proxy side steered to core 0 (RPS) and for the load side to core 1"
+        } else {
+            "everything on loopback, where the kernel's receive processing runs on the sender's core"
+        },
         std::fs::read_to_string("/proc/cpuinfo")
             .unwrap_or_default()
             .lines()
