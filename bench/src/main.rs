@@ -450,19 +450,29 @@ fn main() -> Result<()> {
     if topology.netns.is_some() {
         tear_down_netns();
     }
-    write_results(&rows, quick, runs, seconds, topology)
+    write_results(&rows, quick, only.is_some(), runs, seconds, topology)
 }
 
 fn write_results(
     rows: &[Row],
     quick: bool,
+    partial: bool,
     runs: usize,
     seconds: u64,
     topology: Topology,
 ) -> Result<()> {
     let dir = root().join("bench/results");
     std::fs::create_dir_all(&dir)?;
-    std::fs::write(dir.join("latest.json"), serde_json::to_string_pretty(rows)?)?;
+    // Only a full, unfiltered run replaces the published results.
+    let name = if quick || partial {
+        "partial"
+    } else {
+        "latest"
+    };
+    std::fs::write(
+        dir.join(format!("{name}.json")),
+        serde_json::to_string_pretty(rows)?,
+    )?;
     let mut markdown = format!(
         "# wsplice benchmark results\n\n`cargo xtask bench{}{}`: {runs} run(s) of {seconds} s per target and \
          scenario, a fresh proxy per run, proxy pinned to core 0, load and echo members on core 1; {}. \
@@ -507,7 +517,7 @@ fn write_results(
             row.machine_cpu_per_work
         ));
     }
-    std::fs::write(dir.join("latest.md"), &markdown)?;
+    std::fs::write(dir.join(format!("{name}.md")), &markdown)?;
     println!("{markdown}");
     Ok(())
 }
