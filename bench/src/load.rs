@@ -229,3 +229,65 @@ async fn one_handshake(target: SocketAddr) -> io::Result<()> {
     let _ = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut rest)).await;
     Ok(())
 }
+
+/// Opens up to `count` WebSockets (`concurrency` handshakes at a time) and keeps them open.
+pub async fn open_many(
+    targets: &[SocketAddr],
+    count: usize,
+    concurrency: usize,
+) -> (Vec<TcpStream>, u64, Option<String>) {
+    let permits = Arc::new(Semaphore::new(concurrency));
+    let mut tasks = Vec::with_capacity(count);
+    for index in 0..count {
+        let target = targets[index % targets.len()];
+        let permits = Arc::clone(&permits);
+        tasks.push(tokio::spawn(async move {
+            let _permit = permits.acquire_owned().await.map_err(io::Error::other)?;
+            tokio::time::timeout(Duration::from_secs(10), open(target))
+                .await
+                .map_err(|_| io::Error::other("upgrade timed out"))?
+        }));
+    }
+    let mut streams = Vec::with_capacity(count);
+    let (mut failures, mut first_failure) = (0, None);
+    for task in tasks {
+        match task.await.map_err(io::Error::other).and_then(|r| r) {
+            Ok(stream) => streams.push(stream),
+            Err(error) => {
+                failures += 1;
+                first_failure.get_or_insert_with(|| error.to_string());
+            }
+        }
+    }
+    (streams, failures, first_failure)
+}
+
+/// Sends one message on every held WebSocket and checks each echo; returns how many answered.
+pub async fn echo_all(streams: Vec<TcpStream>, concurrency: usize) -> u64 {
+    let permits = Arc::new(Semaphore::new(concurrency));
+    let answered = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::with_capacity(streams.len());
+    for (index, mut stream) in streams.into_iter().enumerate() {
+        let (permits, answered) = (Arc::clone(&permits), Arc::clone(&answered));
+        tasks.push(tokio::spawn(async move {
+            let Ok(_permit) = permits.acquire_owned().await else {
+                return;
+            };
+            let message = ws::frame(16, index as u64);
+            let mut echoed = vec![0u8; message.len()];
+            let exchange = async {
+                stream.write_all(&message).await?;
+                stream.read_exact(&mut echoed).await
+            };
+            if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(10), exchange).await
+                && echoed == message
+            {
+                answered.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    for task in tasks {
+        let _ = task.await;
+    }
+    answered.load(Ordering::Relaxed)
+}

@@ -251,6 +251,32 @@ fn group_ticks(pgid: u32) -> u64 {
     total
 }
 
+/// Resident memory (KiB) of every process in `pgid`.
+fn group_rss_kib(pgid: u32) -> u64 {
+    let mut total = 0;
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let in_group = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(2))
+            .and_then(|f| f.parse::<u32>().ok())
+            == Some(pgid);
+        if !in_group {
+            continue;
+        }
+        let status = std::fs::read_to_string(entry.path().join("status")).unwrap_or_default();
+        total += status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    total
+}
+
 /// Busy ticks of the whole machine (everything but idle and iowait).
 fn machine_busy_ticks() -> u64 {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
@@ -276,6 +302,8 @@ struct Sample {
     /// GB carried by the proxy (both directions), or thousands of handshakes.
     work: f64,
     failures: u64,
+    /// Idle scenario: growth of the proxy's resident memory per held connection.
+    rss_kib_per_connection: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -283,19 +311,26 @@ struct Row {
     scenario: String,
     target: String,
     unit: String,
-    work_unit: String,
+    first_column: String,
+    second_column: String,
     median: f64,
     min: f64,
     max: f64,
-    proxy_cpu_per_work: f64,
-    machine_cpu_per_work: f64,
+    first: f64,
+    second: f64,
     samples: Vec<Sample>,
 }
 
 #[derive(Clone, Copy)]
 enum Scenario {
-    Throughput { size: usize },
+    Throughput {
+        size: usize,
+    },
     Handshakes,
+    /// Hold this many WebSockets, prove each still echoes, weigh the proxy's memory.
+    Idle {
+        connections: usize,
+    },
 }
 
 impl Scenario {
@@ -306,6 +341,9 @@ impl Scenario {
             }
             Scenario::Handshakes => {
                 "handshakes (connect, upgrade, one echo, close), 50 concurrent".into()
+            }
+            Scenario::Idle { connections } => {
+                format!("idle: {connections} WebSockets held open, then each one echoes")
             }
         }
     }
@@ -348,6 +386,8 @@ fn main() -> Result<()> {
         Scenario::Throughput { size: 64 * 1024 },
         Scenario::Throughput { size: 4 * 1024 },
         Scenario::Handshakes,
+        // Both ends live in this process (20,000 descriptors) and HAProxy takes 7,900.
+        Scenario::Idle { connections: 7500 },
     ];
     let work_dir = std::env::temp_dir().join(format!("wsplice-bench-{}", std::process::id()));
     let mut rows = Vec::new();
@@ -374,12 +414,33 @@ fn main() -> Result<()> {
                 let proxy_before = pgid.map_or(0, group_ticks);
                 let machine_before = machine_busy_ticks();
                 let duration = Duration::from_secs(seconds);
+                let mut rss_per_connection = 0.0;
                 let outcome = runtime.block_on(async {
                     match scenario {
                         Scenario::Throughput { size } => {
                             load::throughput(&targets, 50, size, 4, duration).await
                         }
                         Scenario::Handshakes => load::handshakes(&targets, 50, duration).await,
+                        Scenario::Idle { connections } => {
+                            let started = Instant::now();
+                            let rss_before = pgid.map_or(0, group_rss_kib);
+                            let (streams, failed, first_failure) =
+                                load::open_many(&targets, connections, 200).await;
+                            let held = streams.len() as u64;
+                            // Let the proxy settle (hand-over tasks end) before weighing it.
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            let rss_after = pgid.map_or(0, group_rss_kib);
+                            rss_per_connection =
+                                rss_after.saturating_sub(rss_before) as f64 / held.max(1) as f64;
+                            let answered = load::echo_all(streams, 200).await;
+                            load::Outcome {
+                                completed: answered,
+                                echoed_bytes: 0,
+                                failures: failed + (held - answered),
+                                elapsed: started.elapsed(),
+                                first_failure,
+                            }
+                        }
                     }
                 });
                 let proxy_seconds =
@@ -405,6 +466,7 @@ fn main() -> Result<()> {
                         outcome.completed as f64 / elapsed,
                         outcome.completed as f64 / 1000.0,
                     ),
+                    Scenario::Idle { .. } => (outcome.completed as f64, 0.0),
                 };
                 eprintln!(
                     "{:<20} {:<70} {value:>10.0}  proxy CPU {proxy_seconds:.2} s, machine CPU {machine_seconds:.2} s, failures {}",
@@ -418,6 +480,7 @@ fn main() -> Result<()> {
                     machine_cpu_seconds: machine_seconds,
                     work,
                     failures: outcome.failures,
+                    rss_kib_per_connection: rss_per_connection,
                 });
             }
             let mut values: Vec<f64> = samples.iter().map(|s| s.value).collect();
@@ -429,20 +492,43 @@ fn main() -> Result<()> {
                 .iter()
                 .map(|s| s.machine_cpu_seconds / s.work.max(1e-9))
                 .collect();
-            let (unit, work_unit) = match scenario {
-                Scenario::Throughput { .. } => ("echo MB/s", "GB carried"),
-                Scenario::Handshakes => ("handshakes/s", "1,000 handshakes"),
+            let (unit, first_column, second_column) = match scenario {
+                Scenario::Throughput { .. } => (
+                    "echo MB/s",
+                    "proxy CPU s per GB carried",
+                    "machine CPU s per GB carried",
+                ),
+                Scenario::Handshakes => (
+                    "handshakes/s",
+                    "proxy CPU s per 1,000 handshakes",
+                    "machine CPU s per 1,000 handshakes",
+                ),
+                Scenario::Idle { .. } => (
+                    "connections held that echoed",
+                    "proxy RSS KiB per connection",
+                    "connections that failed",
+                ),
+            };
+            let (first, second) = match scenario {
+                Scenario::Idle { .. } => {
+                    let mut rss: Vec<f64> =
+                        samples.iter().map(|s| s.rss_kib_per_connection).collect();
+                    let failed = samples.iter().map(|s| s.failures).max().unwrap_or(0);
+                    (median(&mut rss), failed as f64)
+                }
+                _ => (median(&mut proxy), median(&mut machine)),
             };
             rows.push(Row {
                 scenario: scenario.name(),
                 target: target.name().into(),
                 unit: unit.into(),
-                work_unit: work_unit.into(),
+                first_column: first_column.into(),
+                second_column: second_column.into(),
                 median: median(&mut values),
                 min: values[0],
                 max: values[values.len() - 1],
-                proxy_cpu_per_work: median(&mut proxy),
-                machine_cpu_per_work: median(&mut machine),
+                first,
+                second,
                 samples,
             });
         }
@@ -503,18 +589,13 @@ fn write_results(
         if row.scenario != scenario {
             scenario = row.scenario.clone();
             markdown.push_str(&format!(
-                "\n## {scenario}\n\n| target | {} (median, min-max) | proxy CPU s per {} | machine CPU s per {} |\n|---|---|---|---|\n",
-                row.unit, row.work_unit, row.work_unit
+                "\n## {scenario}\n\n| target | {} (median, min-max) | {} | {} |\n|---|---|---|---|\n",
+                row.unit, row.first_column, row.second_column
             ));
         }
         markdown.push_str(&format!(
             "| {} | {:.0} ({:.0}-{:.0}) | {:.3} | {:.3} |\n",
-            row.target,
-            row.median,
-            row.min,
-            row.max,
-            row.proxy_cpu_per_work,
-            row.machine_cpu_per_work
+            row.target, row.median, row.min, row.max, row.first, row.second
         ));
     }
     std::fs::write(dir.join(format!("{name}.md")), &markdown)?;
