@@ -243,7 +243,7 @@ pub async fn open_many(
         let permits = Arc::clone(&permits);
         tasks.push(tokio::spawn(async move {
             let _permit = permits.acquire_owned().await.map_err(io::Error::other)?;
-            tokio::time::timeout(Duration::from_secs(10), open(target))
+            tokio::time::timeout(Duration::from_secs(3), open(target))
                 .await
                 .map_err(|_| io::Error::other("upgrade timed out"))?
         }));

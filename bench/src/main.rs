@@ -422,16 +422,32 @@ fn main() -> Result<()> {
                         }
                         Scenario::Handshakes => load::handshakes(&targets, 50, duration).await,
                         Scenario::Idle { connections } => {
+                            // The cost of one more connection: the growth between holding half
+                            // and holding all of them, so memory the concurrent handshakes
+                            // needed once is not spread over the connections.
                             let started = Instant::now();
-                            let rss_before = pgid.map_or(0, group_rss_kib);
-                            let (streams, failed, first_failure) =
-                                load::open_many(&targets, connections, 200).await;
-                            let held = streams.len() as u64;
-                            // Let the proxy settle (hand-over tasks end) before weighing it.
+                            let rss_empty = pgid.map_or(0, group_rss_kib);
+                            let half = connections / 2;
+                            let (mut streams, mut failed, mut first_failure) =
+                                load::open_many(&targets, half, 200).await;
                             tokio::time::sleep(Duration::from_secs(1)).await;
-                            let rss_after = pgid.map_or(0, group_rss_kib);
-                            rss_per_connection =
-                                rss_after.saturating_sub(rss_before) as f64 / held.max(1) as f64;
+                            let rss_half = pgid.map_or(0, group_rss_kib);
+                            let held_half = streams.len() as u64;
+                            let (more, more_failed, more_failure) =
+                                load::open_many(&targets, connections - half, 200).await;
+                            streams.extend(more);
+                            failed += more_failed;
+                            first_failure = first_failure.or(more_failure);
+                            let held = streams.len() as u64;
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            let rss_all = pgid.map_or(0, group_rss_kib);
+                            rss_per_connection = if held > held_half {
+                                rss_all.saturating_sub(rss_half) as f64 / (held - held_half) as f64
+                            } else {
+                                // Nothing more was taken after the first half (a proxy at its
+                                // limit): no slope, so the average from an empty proxy.
+                                rss_all.saturating_sub(rss_empty) as f64 / held.max(1) as f64
+                            };
                             let answered = load::echo_all(streams, 200).await;
                             load::Outcome {
                                 completed: answered,
