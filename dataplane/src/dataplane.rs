@@ -97,7 +97,6 @@ impl Dataplane {
         member_early: Bytes,
         mut lease: Lease,
     ) {
-        let _ = (client.set_nodelay(true), member.set_nodelay(true));
         let forwarded = tokio::time::timeout(self.handover_timeout, async {
             member.write_all(&client_early).await?;
             client.write_all(&member_early).await
