@@ -85,12 +85,6 @@ fn assert_no_state_left(proxy: &ServerHandle) {
     );
 }
 
-fn member_report(members: &[Member], id: u64) -> Option<MemberReport> {
-    members
-        .iter()
-        .find_map(|m| m.reports.lock().unwrap().get(&id).cloned())
-}
-
 /// Runs plans on `parallel` threads and checks both directions of every connection.
 fn run_and_check(
     proxy: &ServerHandle,
@@ -143,11 +137,8 @@ fn run_and_check(
         &failures[..failures.len().min(5)]
     );
     for plan in &plans {
-        let arrived = wait_until(Duration::from_secs(20), || {
-            member_report(members, plan.id).is_some()
-        });
-        assert!(arrived, "member never reported connection {}", plan.id);
-        let report = member_report(members, plan.id).unwrap();
+        let report = wait_for_report(members, plan.id, Duration::from_secs(20))
+            .unwrap_or_else(|| panic!("member never reported connection {}", plan.id));
         assert_eq!(
             report.received,
             Ok(plan.up_len),

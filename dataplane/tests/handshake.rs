@@ -28,12 +28,7 @@ fn the_member_sees_host_kept_and_forwarded_headers_and_the_client_sees_the_101_u
     assert_eq!(header(&report.head, "upgrade"), Some("websocket"));
     assert_eq!(report.received, Ok(1000));
 
-    assert!(wait_until(Duration::from_secs(5), || members[0]
-        .reports
-        .lock()
-        .unwrap()
-        .contains_key(&1)));
-    let seen = members[0].reports.lock().unwrap()[&1].clone();
+    let seen = wait_for_report(&members, 1, Duration::from_secs(5)).expect("the member reported");
     assert_eq!(seen.received, Ok(1000));
     let head = &seen.request_head;
     assert!(head.starts_with("GET /ws HTTP/1.1"), "{head}");
@@ -160,14 +155,10 @@ fn dead_address() -> std::net::SocketAddr {
 fn an_unreachable_member_is_skipped_and_502_comes_only_when_none_can_serve() {
     let live = start_member(1);
     let dead = dead_address();
-    let config = config::quick(&config::QuickForm {
-        listen: "127.0.0.1:0".into(),
-        members: vec![format!("ws://{dead}"), format!("ws://{}", live.address)],
-        lbmethod: None,
-    })
-    .unwrap();
-    let mut config = config;
-    config.server.dataplane = DataplaneMode::Userspace;
+    let config = userspace_config(vec![
+        format!("ws://{dead}"),
+        format!("ws://{}", live.address),
+    ]);
     let proxy = wsplice::server::start(config).unwrap();
     for id in 0..10 {
         let report = run_client(proxy.addresses[0], &plan(id)).unwrap();
@@ -177,16 +168,10 @@ fn an_unreachable_member_is_skipped_and_502_comes_only_when_none_can_serve() {
     assert_eq!(live.accepted.load(std::sync::atomic::Ordering::SeqCst), 10);
     proxy.stop();
 
-    let mut config = config::quick(&config::QuickForm {
-        listen: "127.0.0.1:0".into(),
-        members: vec![
-            format!("ws://{}", dead_address()),
-            format!("ws://{}", dead_address()),
-        ],
-        lbmethod: None,
-    })
-    .unwrap();
-    config.server.dataplane = DataplaneMode::Userspace;
+    let config = userspace_config(vec![
+        format!("ws://{}", dead_address()),
+        format!("ws://{}", dead_address()),
+    ]);
     let proxy = wsplice::server::start(config).unwrap();
     let (status, _) = raw_exchange(
         proxy.addresses[0],
@@ -199,13 +184,7 @@ fn an_unreachable_member_is_skipped_and_502_comes_only_when_none_can_serve() {
 #[test]
 fn a_stalled_request_is_cut_at_the_handshake_timeout() {
     let members = start_members(1);
-    let mut config = config::quick(&config::QuickForm {
-        listen: "127.0.0.1:0".into(),
-        members: vec![format!("ws://{}", members[0].address)],
-        lbmethod: None,
-    })
-    .unwrap();
-    config.server.dataplane = DataplaneMode::Userspace;
+    let mut config = userspace_config(vec![format!("ws://{}", members[0].address)]);
     config.server.handshake_timeout = Duration::from_millis(500);
     let proxy = wsplice::server::start(config).unwrap();
     let mut stream = TcpStream::connect(proxy.addresses[0]).unwrap();
@@ -240,11 +219,7 @@ fn bytes_sent_with_the_request_and_with_the_101_arrive_once_in_order() {
     plan.down_early = 3_000;
     let report = run_client(proxy.addresses[0], &plan).unwrap();
     assert_eq!(report.received, Ok(300_000));
-    assert!(wait_until(Duration::from_secs(5), || members[0]
-        .reports
-        .lock()
-        .unwrap()
-        .contains_key(&7)));
-    assert_eq!(members[0].reports.lock().unwrap()[&7].received, Ok(300_000));
+    let seen = wait_for_report(&members, 7, Duration::from_secs(5)).expect("the member reported");
+    assert_eq!(seen.received, Ok(300_000));
     proxy.stop();
 }

@@ -581,6 +581,29 @@ impl Drop for Held {
     }
 }
 
+/// The report a member filed for connection `id`, waiting up to `limit` for it.
+pub fn wait_for_report(members: &[Member], id: u64, limit: Duration) -> Option<MemberReport> {
+    let find = || {
+        members
+            .iter()
+            .find_map(|m| m.reports.lock().unwrap().get(&id).cloned())
+    };
+    wait_until(limit, || find().is_some());
+    find()
+}
+
+/// A userspace-mode quick-form config in front of `members` (ws:// URLs).
+pub fn userspace_config(members: Vec<String>) -> wsplice::config::Config {
+    let mut config = config::quick(&QuickForm {
+        listen: "127.0.0.1:0".into(),
+        members,
+        lbmethod: None,
+    })
+    .unwrap();
+    config.server.dataplane = DataplaneMode::Userspace;
+    config
+}
+
 /// Waits until `condition` holds or `limit` passes; returns whether it held.
 pub fn wait_until(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + limit;
