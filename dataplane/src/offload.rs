@@ -14,7 +14,7 @@ use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -75,6 +75,8 @@ pub struct Sockmap {
     maps: Arc<Maps>,
     handoff: mpsc::Sender<Tunnel>,
     wake: std::io::PipeWriter,
+    /// Set while a wake byte is unread: a burst of hand-overs costs one write and one wake-up.
+    wake_pending: Arc<AtomicBool>,
     pub stats: Arc<OffloadStats>,
     /// Keeps the program attached; it detaches when this drops.
     _ebpf: Ebpf,
@@ -174,11 +176,13 @@ impl Sockmap {
             .add(wake_reader.as_fd(), sys::EPOLLIN, WAKE_TOKEN)
             .and_then(|()| epoll.add(events.as_fd(), sys::EPOLLIN, EVENTS_TOKEN))
             .map_err(|error| format!("epoll: {error}"))?;
+        let wake_pending = Arc::new(AtomicBool::new(false));
         let watcher = Watcher {
             maps: Arc::clone(&maps),
             stats: Arc::clone(&stats),
             epoll,
             wake: wake_reader,
+            wake_pending: Arc::clone(&wake_pending),
             events,
             handed,
             next_generation: 0,
@@ -197,6 +201,7 @@ impl Sockmap {
             maps,
             handoff,
             wake,
+            wake_pending,
             stats,
             _ebpf: ebpf,
         })
@@ -205,9 +210,7 @@ impl Sockmap {
     /// Puts a pair into the sockhash and gives it to the carrier. When neither socket
     /// can join the map (both already closing), the pair comes back for the userspace relay.
     pub fn offload(&self, pair: Pair) -> Result<(), Pair> {
-        let setup = |stream: &TcpStream, peer: &TcpStream| -> io::Result<(u64, u64)> {
-            let cookie = sys::socket_cookie(stream.as_fd())?;
-            let peer_cookie = sys::socket_cookie(peer.as_fd())?;
+        let setup = |cookie: u64, peer_cookie: u64, peer: &TcpStream| -> io::Result<u64> {
             let link = BpfLink {
                 peer_cookie,
                 limit: pair.redirect_limit,
@@ -221,7 +224,7 @@ impl Sockmap {
                 sys::BPF_ANY,
             )?;
             sys::map_update(self.maps.links.as_fd(), &cookie, &link, sys::BPF_ANY)?;
-            Ok((cookie, link.peer_base))
+            Ok(link.peer_base)
         };
         let forget = |cookies: &[u64]| {
             for cookie in cookies {
@@ -229,16 +232,27 @@ impl Sockmap {
                 let _ = sys::map_delete(self.maps.flows.as_fd(), cookie);
             }
         };
-        let prepared = setup(&pair.client, &pair.member)
-            .and_then(|client| Ok((client, setup(&pair.member, &pair.client)?)));
-        // Each setup returns the source's cookie and what was written into its peer so far.
-        let ((client_cookie, into_member), (member_cookie, into_client)) = match prepared {
+        let cookies = sys::socket_cookie(pair.client.as_fd())
+            .and_then(|client| Ok((client, sys::socket_cookie(pair.member.as_fd())?)));
+        let (client_cookie, member_cookie) = match cookies {
+            Ok(cookies) => cookies,
+            Err(error) => {
+                tracing::warn!("offload setup failed ({error}); relaying this pair in userspace");
+                return Err(pair);
+            }
+        };
+        // Each setup returns what was written into the source's peer so far.
+        let prepared = setup(client_cookie, member_cookie, &pair.member).and_then(|into_member| {
+            Ok((
+                into_member,
+                setup(member_cookie, client_cookie, &pair.client)?,
+            ))
+        });
+        let (into_member, into_client) = match prepared {
             Ok(prepared) => prepared,
             Err(error) => {
                 tracing::warn!("offload setup failed ({error}); relaying this pair in userspace");
-                let cookies = [&pair.client, &pair.member]
-                    .map(|stream| sys::socket_cookie(stream.as_fd()).ok());
-                forget(&cookies.into_iter().flatten().collect::<Vec<_>>());
+                forget(&[client_cookie, member_cookie]);
                 return Err(pair);
             }
         };
@@ -276,7 +290,9 @@ impl Sockmap {
             generation: 0,
         };
         let _ = self.handoff.send(tunnel);
-        let _ = (&self.wake).write(&[1]);
+        if !self.wake_pending.swap(true, Ordering::AcqRel) {
+            let _ = (&self.wake).write(&[1]);
+        }
         Ok(())
     }
 
@@ -376,6 +392,7 @@ struct Watcher {
     stats: Arc<OffloadStats>,
     epoll: sys::Epoll,
     wake: std::io::PipeReader,
+    wake_pending: Arc<AtomicBool>,
     events: RingBuf<MapData>,
     handed: mpsc::Receiver<Tunnel>,
     next_generation: u32,
@@ -421,6 +438,8 @@ impl Watcher {
                     WAKE_TOKEN => {
                         let mut sink = [0u8; 256];
                         let _ = self.wake.read(&mut sink);
+                        // Cleared before draining: a tunnel sent after this writes again.
+                        self.wake_pending.store(false, Ordering::Release);
                         if !self.adopt_handed() {
                             return; // every Sockmap handle is gone
                         }
@@ -434,6 +453,17 @@ impl Watcher {
                             if let Some(&slot) = cookie.and_then(|c| self.by_cookie.get(&c)) {
                                 touched.push(slot);
                             }
+                        }
+                        // A full ring buffer loses pass events: then look at every pair once.
+                        // Losses happen only while records wait unread, so checking after
+                        // each drain misses none.
+                        let lost = sys::map_lookup::<u32, u64>(self.maps.counters.as_fd(), &0)
+                            .ok()
+                            .flatten()
+                            .unwrap_or(0);
+                        if lost != lost_seen {
+                            lost_seen = lost;
+                            touched.extend(self.by_cookie.values().copied());
                         }
                     }
                     token => {
@@ -454,15 +484,6 @@ impl Watcher {
                         }
                     }
                 }
-            }
-            // A full ring buffer loses pass events: then look at every pair once.
-            let lost = sys::map_lookup::<u32, u64>(self.maps.counters.as_fd(), &0)
-                .ok()
-                .flatten()
-                .unwrap_or(0);
-            if lost != lost_seen {
-                lost_seen = lost;
-                touched.extend(self.by_cookie.values().copied());
             }
             touched.sort_unstable();
             touched.dedup();
@@ -561,21 +582,26 @@ impl Watcher {
             tracing::debug!("offloaded pair aborted: {reason}");
             self.stats.pairs_aborted.fetch_add(1, Ordering::Relaxed);
         }
-        for side in &tunnel.sides {
+        // The epoll registrations go with the sockets: nothing else holds their descriptors.
+        for (side, flow) in tunnel.sides.iter().zip(&tunnel.flows) {
             self.by_cookie.remove(&side.cookie);
-            if side.interest != 0 {
-                let _ = self.epoll.delete(side.stream.as_fd());
-            }
-            let flow = sys::map_lookup::<u64, BpfFlow>(self.maps.flows.as_fd(), &side.cookie);
-            if let Ok(Some(flow)) = flow {
+            // After the source's EOF the verdict sees nothing more: the last lookup is final.
+            let counters = if flow.source_eof {
+                Some(flow.kernel)
+            } else {
+                sys::map_lookup::<u64, BpfFlow>(self.maps.flows.as_fd(), &side.cookie)
+                    .ok()
+                    .flatten()
+            };
+            if let Some(counters) = counters {
                 self.stats
                     .bytes_redirected
-                    .fetch_add(flow.redirected, Ordering::Relaxed);
+                    .fetch_add(counters.redirected, Ordering::Relaxed);
                 self.stats
                     .bytes_trimmed
-                    .fetch_add(flow.trimmed, Ordering::Relaxed);
+                    .fetch_add(counters.trimmed, Ordering::Relaxed);
             }
-            let _ = sys::map_delete(self.maps.socks.as_fd(), &side.cookie);
+            // SOCKS needs no delete: closing a socket takes it out of the sockhash.
             let _ = sys::map_delete(self.maps.links.as_fd(), &side.cookie);
             let _ = sys::map_delete(self.maps.flows.as_fd(), &side.cookie);
         }
@@ -710,8 +736,10 @@ fn relay_passed(
             // Nothing owed: only a FIN can be waiting.
             return match source.stream.peek(&mut [0u8; 1]) {
                 Ok(0) => {
+                    // Bytes may have been redirected or passed between the lookup and the
+                    // FIN: look once more, so the counters the FIN waits for are final.
                     flow.source_eof = true;
-                    Ok(Wait::Nothing)
+                    continue;
                 }
                 Ok(_) if !looked_again => {
                     looked_again = true;
