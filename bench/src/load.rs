@@ -19,7 +19,7 @@ pub async fn start_member(address: SocketAddr) -> io::Result<()> {
         while let Ok((mut stream, _)) = listener.accept().await {
             let _ = stream.set_nodelay(true);
             tokio::spawn(async move {
-                let Ok(early) = ws::accept(&mut stream).await else {
+                let Ok(early) = ws::accept(&mut stream, address.port()).await else {
                     return;
                 };
                 if stream.write_all(&early).await.is_err() {
@@ -80,13 +80,19 @@ impl Counters {
 }
 
 async fn open(target: SocketAddr) -> io::Result<TcpStream> {
+    Ok(open_identified(target).await?.0)
+}
+
+/// Opens a WebSocket; returns it and the port of the member that answered.
+async fn open_identified(target: SocketAddr) -> io::Result<(TcpStream, u16)> {
     let mut stream = TcpStream::connect(target).await?;
     stream.set_nodelay(true)?;
-    let early = ws::connect(&mut stream, &target.to_string()).await?;
+    let (early, member) = ws::connect(&mut stream, &target.to_string()).await?;
     if !early.is_empty() {
         return Err(io::Error::other("bytes before the first message"));
     }
-    Ok(stream)
+    let member = member.ok_or_else(|| io::Error::other("the 101 names no member"))?;
+    Ok((stream, member))
 }
 
 /// Echo throughput: `connections` WebSockets, each keeping `window` messages of `size` bytes in
@@ -223,10 +229,8 @@ async fn one_handshake(target: SocketAddr) -> io::Result<()> {
     if echoed != message {
         return Err(io::Error::other("echo changed"));
     }
-    stream.shutdown().await?;
     // Wait for the other side's close so the proxy sees a clean end, not a reset.
-    let mut rest = [0u8; 16];
-    let _ = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut rest)).await;
+    close(stream).await;
     Ok(())
 }
 
@@ -290,4 +294,112 @@ pub async fn echo_all(streams: Vec<TcpStream>, concurrency: usize) -> u64 {
         let _ = task.await;
     }
     answered.load(Ordering::Relaxed)
+}
+
+/// Round-trip times at a fixed rate: `connections` WebSockets, each sending a `size`-byte
+/// message every `period` (staggered so the load is even), whatever the echoes are doing.
+/// Each time runs from just before the message is written to when its echo has been read
+/// and checked; returns the outcome and every time in microseconds.
+pub async fn latency(
+    targets: &[SocketAddr],
+    connections: usize,
+    period: Duration,
+    size: usize,
+    duration: Duration,
+) -> (Outcome, Vec<u32>) {
+    let counters = Counters::new();
+    let started = Instant::now();
+    let deadline = started + duration;
+    let times = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for index in 0..connections {
+        let target = targets[index % targets.len()];
+        let (counters, times) = (Arc::clone(&counters), Arc::clone(&times));
+        let offset = period * index as u32 / connections as u32;
+        tasks.push(tokio::spawn(async move {
+            match timed_connection(target, period, offset, size, deadline, &counters).await {
+                Ok(mine) => times.lock().unwrap().extend(mine),
+                Err(error) => counters.fail(format!("connection {index}: {error}")),
+            }
+        }));
+    }
+    for task in tasks {
+        let _ = task.await;
+    }
+    let times = std::mem::take(&mut *times.lock().unwrap());
+    (counters.outcome(started.elapsed()), times)
+}
+
+async fn timed_connection(
+    target: SocketAddr,
+    period: Duration,
+    offset: Duration,
+    size: usize,
+    deadline: Instant,
+    counters: &Counters,
+) -> io::Result<Vec<u32>> {
+    let stream = open(target).await?;
+    let (mut reader, mut writer) = stream.into_split();
+    let (sent_at, mut echoes_due) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+    let writer_task = tokio::spawn(async move {
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + offset, period);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut sequence = 0u64;
+        loop {
+            ticks.tick().await;
+            if Instant::now() >= deadline {
+                break;
+            }
+            let message = ws::frame(size, sequence);
+            let _ = sent_at.send(Instant::now());
+            writer.write_all(&message).await?;
+            sequence += 1;
+        }
+        // The sender goes with this task: the reader stops after the last echo. Half-close
+        // only then (nginx ends a tunnel on a half-close).
+        io::Result::Ok(writer)
+    });
+    let template = ws::frame(size, 0);
+    let mut buffer = vec![0u8; template.len()];
+    let mut times = Vec::new();
+    let mut sequence = 0u64;
+    while let Some(sent) = echoes_due.recv().await {
+        tokio::time::timeout(Duration::from_secs(5), reader.read_exact(&mut buffer))
+            .await
+            .map_err(|_| io::Error::other(format!("no echo of message {sequence} in 5 s")))??;
+        let elapsed = sent.elapsed();
+        if buffer != ws::frame(size, sequence) {
+            return Err(io::Error::other(format!(
+                "message {sequence} came back changed"
+            )));
+        }
+        times.push(elapsed.as_micros().min(u128::from(u32::MAX)) as u32);
+        sequence += 1;
+        counters.completed.fetch_add(1, Ordering::Relaxed);
+        counters.bytes.fetch_add(size as u64, Ordering::Relaxed);
+    }
+    let mut writer = writer_task.await.map_err(io::Error::other)??;
+    writer.shutdown().await?;
+    Ok(times)
+}
+
+/// Which member each of `count` WebSockets opened one after another reached (as ports), the
+/// sockets kept open.
+pub async fn open_in_order(target: SocketAddr, count: usize) -> io::Result<Vec<(TcpStream, u16)>> {
+    let mut opened = Vec::with_capacity(count);
+    for _ in 0..count {
+        let (stream, member) =
+            tokio::time::timeout(Duration::from_secs(3), open_identified(target))
+                .await
+                .map_err(|_| io::Error::other("upgrade timed out"))??;
+        opened.push((stream, member));
+    }
+    Ok(opened)
+}
+
+/// Closes a WebSocket cleanly: half-close, then wait for the other side's close.
+pub async fn close(mut stream: TcpStream) {
+    let _ = stream.shutdown().await;
+    let mut rest = [0u8; 64];
+    let _ = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut rest)).await;
 }

@@ -132,7 +132,19 @@ fn root() -> PathBuf {
         .to_path_buf()
 }
 
-fn fill_template(name: &str, dir: &Path, topology: Topology) -> Result<PathBuf> {
+/// `{{BALANCE}}` in each peer's config, per method.
+fn balance_directive(name: &str, method: Method) -> &'static str {
+    match (name, method) {
+        ("haproxy.cfg", Method::RoundRobin) => "roundrobin",
+        ("haproxy.cfg", Method::LeastConn) => "leastconn",
+        ("nginx.conf", Method::RoundRobin) => "", // round robin is nginx's default
+        ("nginx.conf", Method::LeastConn) => "least_conn;",
+        (_, Method::RoundRobin) => "byrequests",
+        (_, Method::LeastConn) => "bybusyness",
+    }
+}
+
+fn fill_template(name: &str, method: Method, dir: &Path, topology: Topology) -> Result<PathBuf> {
     let text = std::fs::read_to_string(root().join("bench/peers").join(name))?;
     let text = text
         .replace("{{LISTEN}}", &topology.listen.to_string())
@@ -141,14 +153,20 @@ fn fill_template(name: &str, dir: &Path, topology: Topology) -> Result<PathBuf> 
         .replace("{{M1}}", &MEMBER_PORTS[0].to_string())
         .replace("{{M2}}", &MEMBER_PORTS[1].to_string())
         .replace("{{M3}}", &MEMBER_PORTS[2].to_string())
-        .replace("{{DIR}}", &dir.display().to_string());
+        .replace("{{DIR}}", &dir.display().to_string())
+        .replace("{{BALANCE}}", balance_directive(name, method));
     let path = dir.join(name);
     std::fs::write(&path, text)?;
     Ok(path)
 }
 
 /// Starts a target pinned to core 0; `None` for direct.
-fn start_target(target: Target, dir: &Path, topology: Topology) -> Result<Option<Running>> {
+fn start_target(
+    target: Target,
+    method: Method,
+    dir: &Path,
+    topology: Topology,
+) -> Result<Option<Running>> {
     use std::os::unix::process::CommandExt;
     let proxy = (topology.listen, PROXY_PORT);
     if target != Target::Direct && std::net::TcpStream::connect(proxy).is_ok() {
@@ -185,17 +203,22 @@ fn start_target(target: Target, dir: &Path, topology: Topology) -> Result<Option
                 } else {
                     "userspace"
                 },
+                "--lbmethod",
+                match method {
+                    Method::RoundRobin => "byrequests",
+                    Method::LeastConn => "least-conn",
+                },
             ]);
             for member in &members {
                 command.args(["--member", member]);
             }
         }
         Target::Haproxy => {
-            let config = fill_template("haproxy.cfg", dir, topology)?;
+            let config = fill_template("haproxy.cfg", method, dir, topology)?;
             command.args(["haproxy", "-db", "-f"]).arg(config);
         }
         Target::Nginx => {
-            let config = fill_template("nginx.conf", dir, topology)?;
+            let config = fill_template("nginx.conf", method, dir, topology)?;
             command
                 .args(["nginx", "-p"])
                 .arg(dir)
@@ -204,7 +227,7 @@ fn start_target(target: Target, dir: &Path, topology: Topology) -> Result<Option
                 .args(["-g", "daemon off;"]);
         }
         Target::Apache => {
-            let config = fill_template("apache2.conf", dir, topology)?;
+            let config = fill_template("apache2.conf", method, dir, topology)?;
             command.args(["apache2", "-DFOREGROUND", "-f"]).arg(config);
         }
     }
@@ -294,16 +317,31 @@ fn machine_busy_ticks() -> u64 {
 
 const TICKS_PER_SECOND: f64 = 100.0;
 
-#[derive(Debug, Clone, Serialize)]
+/// One run of one scenario against one target.
+#[derive(Debug, Clone, Default, Serialize)]
 struct Sample {
+    /// The scenario's headline figure (MB/s, handshakes/s, p99 µs, ...).
     value: f64,
     proxy_cpu_seconds: f64,
     machine_cpu_seconds: f64,
     /// GB carried by the proxy (both directions), or thousands of handshakes.
     work: f64,
     failures: u64,
-    /// Idle scenario: growth of the proxy's resident memory per held connection.
+    /// Idle: growth of the proxy's resident memory per held connection.
     rss_kib_per_connection: f64,
+    /// Latency: the other percentiles, in microseconds.
+    p50_us: f64,
+    p999_us: f64,
+    /// Balance: connections per member, in member order.
+    split: String,
+}
+
+/// A figure shown beside the headline one.
+#[derive(Debug, Clone, Serialize)]
+struct Column {
+    name: String,
+    value: f64,
+    shown: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -311,14 +349,20 @@ struct Row {
     scenario: String,
     target: String,
     unit: String,
-    first_column: String,
-    second_column: String,
     median: f64,
     min: f64,
     max: f64,
-    first: f64,
-    second: f64,
+    columns: Vec<Column>,
     samples: Vec<Sample>,
+}
+
+/// How a balancing target spreads new connections.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Method {
+    /// Weighted round robin: Apache byrequests, HAProxy roundrobin, nginx's default.
+    RoundRobin,
+    /// Fewest live connections: least-conn, leastconn, least_conn, Apache bybusyness.
+    LeastConn,
 }
 
 #[derive(Clone, Copy)]
@@ -326,12 +370,25 @@ enum Scenario {
     Throughput {
         size: usize,
     },
+    /// Round trips of `size` bytes on 50 connections, `rate` messages per second in all.
+    Latency {
+        size: usize,
+        rate: u32,
+    },
     Handshakes,
     /// Hold this many WebSockets, prove each still echoes, weigh the proxy's memory.
     Idle {
         connections: usize,
     },
+    /// Where new connections go, one after another.
+    Balance {
+        method: Method,
+    },
 }
+
+/// Connections the balance scenario opens first, and then after emptying one member.
+const BALANCE_FIRST: usize = 300;
+const BALANCE_REFILL: usize = 90;
 
 impl Scenario {
     fn name(self) -> String {
@@ -339,12 +396,48 @@ impl Scenario {
             Scenario::Throughput { size } => {
                 format!("throughput, 50 connections, {} KiB messages", size / 1024)
             }
+            Scenario::Latency { size, rate } => format!(
+                "latency, 50 connections, {} KiB messages, {rate} round trips/s in all",
+                size / 1024
+            ),
             Scenario::Handshakes => {
                 "handshakes (connect, upgrade, one echo, close), 50 concurrent".into()
             }
             Scenario::Idle { connections } => {
                 format!("idle: {connections} WebSockets held open, then each one echoes")
             }
+            Scenario::Balance {
+                method: Method::RoundRobin,
+            } => format!(
+                "balance, round robin (byrequests): {BALANCE_FIRST} connections opened one after another"
+            ),
+            Scenario::Balance {
+                method: Method::LeastConn,
+            } => format!(
+                "balance, least connections: {BALANCE_FIRST} held, the first member's closed, {BALANCE_REFILL} more opened"
+            ),
+        }
+    }
+
+    fn method(self) -> Method {
+        match self {
+            Scenario::Balance { method } => method,
+            _ => Method::RoundRobin,
+        }
+    }
+
+    fn unit(self) -> &'static str {
+        match self {
+            Scenario::Throughput { .. } => "echo MB/s",
+            Scenario::Latency { .. } => "p99 µs",
+            Scenario::Handshakes => "handshakes/s",
+            Scenario::Idle { .. } => "connections held that echoed",
+            Scenario::Balance {
+                method: Method::RoundRobin,
+            } => "largest miss of an even share, %",
+            Scenario::Balance {
+                method: Method::LeastConn,
+            } => "refills that went to the emptied member, %",
         }
     }
 }
@@ -354,11 +447,227 @@ fn median(values: &mut [f64]) -> f64 {
     values[values.len() / 2]
 }
 
+/// The value at `fraction` (0..1) of sorted `times`.
+fn percentile(times: &[u32], fraction: f64) -> f64 {
+    if times.is_empty() {
+        return 0.0;
+    }
+    let index = ((times.len() as f64 * fraction) as usize).min(times.len() - 1);
+    f64::from(times[index])
+}
+
+/// Runs one scenario once against a running target; fills the scenario-specific parts of the
+/// sample and returns the load's outcome.
+async fn run_scenario(
+    scenario: Scenario,
+    targets: &[SocketAddr],
+    pgid: Option<u32>,
+    duration: Duration,
+    sample: &mut Sample,
+) -> load::Outcome {
+    match scenario {
+        Scenario::Throughput { size } => load::throughput(targets, 50, size, 4, duration).await,
+        Scenario::Latency { size, rate } => {
+            let period = Duration::from_secs(50) / rate;
+            let (outcome, mut times) = load::latency(targets, 50, period, size, duration).await;
+            times.sort_unstable();
+            sample.value = percentile(&times, 0.99);
+            sample.p50_us = percentile(&times, 0.5);
+            sample.p999_us = percentile(&times, 0.999);
+            outcome
+        }
+        Scenario::Handshakes => load::handshakes(targets, 50, duration).await,
+        Scenario::Idle { connections } => {
+            // The cost of one more connection: the growth between holding half and holding
+            // all of them, so memory the concurrent handshakes needed once is not spread over
+            // the connections.
+            let started = Instant::now();
+            let rss_empty = pgid.map_or(0, group_rss_kib);
+            let half = connections / 2;
+            let (mut streams, mut failed, mut first_failure) =
+                load::open_many(targets, half, 200).await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let rss_half = pgid.map_or(0, group_rss_kib);
+            let held_half = streams.len() as u64;
+            let (more, more_failed, more_failure) =
+                load::open_many(targets, connections - half, 200).await;
+            streams.extend(more);
+            failed += more_failed;
+            first_failure = first_failure.or(more_failure);
+            let held = streams.len() as u64;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let rss_all = pgid.map_or(0, group_rss_kib);
+            sample.rss_kib_per_connection = if held > held_half {
+                rss_all.saturating_sub(rss_half) as f64 / (held - held_half) as f64
+            } else {
+                // Nothing more was taken after the first half (a proxy at its limit): no
+                // slope, so the average from an empty proxy.
+                rss_all.saturating_sub(rss_empty) as f64 / held.max(1) as f64
+            };
+            let answered = load::echo_all(streams, 200).await;
+            sample.value = answered as f64;
+            load::Outcome {
+                completed: answered,
+                echoed_bytes: 0,
+                failures: failed + (held - answered),
+                elapsed: started.elapsed(),
+                first_failure,
+            }
+        }
+        Scenario::Balance { method } => {
+            let started = Instant::now();
+            let result = balance(targets[0], method, sample).await;
+            load::Outcome {
+                completed: 1,
+                failures: u64::from(result.is_err()),
+                first_failure: result.err().map(|e| e.to_string()),
+                elapsed: started.elapsed(),
+                ..Default::default()
+            }
+        }
+    }
+}
+
+fn count_per_member(members: impl Iterator<Item = u16>) -> [usize; 3] {
+    let mut counts = [0; 3];
+    for port in members {
+        if let Some(index) = MEMBER_PORTS.iter().position(|p| *p == port) {
+            counts[index] += 1;
+        }
+    }
+    counts
+}
+
+fn shown_split(counts: [usize; 3]) -> String {
+    counts.map(|c| c.to_string()).join("/")
+}
+
+/// Round robin: how far the split of sequentially opened connections is from even. Least
+/// connections: after the first member's connections close, how many new ones go to it (all
+/// of them should, until it holds as many as the others).
+async fn balance(target: SocketAddr, method: Method, sample: &mut Sample) -> std::io::Result<()> {
+    let opened = load::open_in_order(target, BALANCE_FIRST).await?;
+    let first = count_per_member(opened.iter().map(|(_, m)| *m));
+    let even = BALANCE_FIRST as f64 / 3.0;
+    match method {
+        Method::RoundRobin => {
+            let worst = first
+                .iter()
+                .map(|c| (*c as f64 - even).abs() / even * 100.0)
+                .fold(0.0, f64::max);
+            sample.value = worst;
+            sample.split = shown_split(first);
+            for (stream, _) in opened {
+                load::close(stream).await;
+            }
+        }
+        Method::LeastConn => {
+            let (emptied, kept): (Vec<_>, Vec<_>) = opened
+                .into_iter()
+                .partition(|(_, member)| *member == MEMBER_PORTS[0]);
+            for (stream, _) in emptied {
+                load::close(stream).await;
+            }
+            // Let the proxy see the closes before the refill.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let refill = load::open_in_order(target, BALANCE_REFILL).await?;
+            let second = count_per_member(refill.iter().map(|(_, m)| *m));
+            sample.value = second[0] as f64 / BALANCE_REFILL as f64 * 100.0;
+            sample.split = format!("{} then {}", shown_split(first), shown_split(second));
+            for (stream, _) in kept.into_iter().chain(refill) {
+                load::close(stream).await;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The table row for one target and scenario from its runs.
+fn summarize(scenario: Scenario, target: Target, samples: Vec<Sample>) -> Row {
+    let mut values: Vec<f64> = samples.iter().map(|s| s.value).collect();
+    let median_of = |figure: &dyn Fn(&Sample) -> f64| {
+        let mut figures: Vec<f64> = samples.iter().map(figure).collect();
+        median(&mut figures)
+    };
+    let column = |name: &str, value: f64, decimals: usize| Column {
+        name: name.into(),
+        value,
+        shown: format!("{value:.decimals$}"),
+    };
+    let per_work = |s: &Sample, seconds: f64| seconds / s.work.max(1e-9);
+    let cpu_per = |unit: &str| {
+        vec![
+            column(
+                &format!("proxy CPU s per {unit}"),
+                median_of(&|s| per_work(s, s.proxy_cpu_seconds)),
+                3,
+            ),
+            column(
+                &format!("machine CPU s per {unit}"),
+                median_of(&|s| per_work(s, s.machine_cpu_seconds)),
+                3,
+            ),
+        ]
+    };
+    let failures = samples.iter().map(|s| s.failures).max().unwrap_or(0);
+    let columns = match scenario {
+        Scenario::Throughput { .. } => cpu_per("GB carried"),
+        Scenario::Latency { .. } => {
+            let mut columns = vec![
+                column("p50 µs", median_of(&|s| s.p50_us), 0),
+                column("p99.9 µs", median_of(&|s| s.p999_us), 0),
+            ];
+            columns.extend(cpu_per("GB carried"));
+            columns
+        }
+        Scenario::Handshakes => cpu_per("1,000 handshakes"),
+        Scenario::Idle { .. } => vec![
+            column(
+                "proxy RSS KiB per connection",
+                median_of(&|s| s.rss_kib_per_connection),
+                2,
+            ),
+            column("connections that failed", failures as f64, 0),
+        ],
+        Scenario::Balance { .. } => {
+            // The split of the median run.
+            let middle = samples
+                .iter()
+                .min_by(|a, b| {
+                    let m = median(&mut values.clone());
+                    (a.value - m).abs().total_cmp(&(b.value - m).abs())
+                })
+                .map(|s| s.split.clone())
+                .unwrap_or_default();
+            vec![
+                Column {
+                    name: "connections per member (median run)".into(),
+                    value: 0.0,
+                    shown: middle,
+                },
+                column("runs that failed", failures as f64, 0),
+            ]
+        }
+    };
+    Row {
+        scenario: scenario.name(),
+        target: target.name().into(),
+        unit: scenario.unit().into(),
+        median: median(&mut values),
+        min: values[0],
+        max: values[values.len() - 1],
+        columns,
+        samples,
+    }
+}
+
 fn main() -> Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
     let runs = if quick { 1 } else { 3 };
     let seconds = if quick { 3 } else { 8 };
-    let only: Option<String> = std::env::args().skip_while(|a| a != "--only").nth(1);
+    let flag = |name: &str| std::env::args().skip_while(|a| a != name).nth(1);
+    let only = flag("--only");
+    let only_scenario = flag("--scenario");
     // Loopback is the default; --netns (experimental: veth costs every target a lot, and
     // HAProxy's handshake rate collapses there for a reason not yet understood) gives the
     // proxy's receive processing its own core.
@@ -385,18 +694,39 @@ fn main() -> Result<()> {
     let scenarios = [
         Scenario::Throughput { size: 64 * 1024 },
         Scenario::Throughput { size: 4 * 1024 },
+        // A light and a moderate fixed rate: 1 and 5 MB/s each way.
+        Scenario::Latency {
+            size: 1024,
+            rate: 1_000,
+        },
+        Scenario::Latency {
+            size: 1024,
+            rate: 5_000,
+        },
         Scenario::Handshakes,
         // Both ends live in this process (20,000 descriptors) and HAProxy takes 7,900.
         Scenario::Idle { connections: 7500 },
+        Scenario::Balance {
+            method: Method::RoundRobin,
+        },
+        Scenario::Balance {
+            method: Method::LeastConn,
+        },
     ];
+    let matches = |filter: &Option<String>, name: &str| {
+        filter
+            .as_deref()
+            .is_none_or(|f| name.to_lowercase().contains(&f.to_lowercase()))
+    };
     let work_dir = std::env::temp_dir().join(format!("wsplice-bench-{}", std::process::id()));
     let mut rows = Vec::new();
     for scenario in scenarios {
+        if !matches(&only_scenario, &scenario.name()) {
+            continue;
+        }
         for target in Target::ALL {
-            if only
-                .as_deref()
-                .is_some_and(|o| !target.name().to_lowercase().contains(&o.to_lowercase()))
-            {
+            let balancing = matches!(scenario, Scenario::Balance { .. });
+            if !matches(&only, target.name()) || (balancing && target == Target::Direct) {
                 continue;
             }
             let mut samples = Vec::new();
@@ -404,7 +734,7 @@ fn main() -> Result<()> {
                 // A fresh proxy per run: nothing carried over between measurements.
                 let dir = work_dir.join(format!("{:?}", target).to_lowercase());
                 std::fs::create_dir_all(&dir)?;
-                let running = start_target(target, &dir, topology)?;
+                let running = start_target(target, scenario.method(), &dir, topology)?;
                 let pgid = running.as_ref().map(|r| r.child.id());
                 let targets = if target == Target::Direct {
                     member_addresses.clone()
@@ -413,55 +743,17 @@ fn main() -> Result<()> {
                 };
                 let proxy_before = pgid.map_or(0, group_ticks);
                 let machine_before = machine_busy_ticks();
-                let duration = Duration::from_secs(seconds);
-                let mut rss_per_connection = 0.0;
-                let outcome = runtime.block_on(async {
-                    match scenario {
-                        Scenario::Throughput { size } => {
-                            load::throughput(&targets, 50, size, 4, duration).await
-                        }
-                        Scenario::Handshakes => load::handshakes(&targets, 50, duration).await,
-                        Scenario::Idle { connections } => {
-                            // The cost of one more connection: the growth between holding half
-                            // and holding all of them, so memory the concurrent handshakes
-                            // needed once is not spread over the connections.
-                            let started = Instant::now();
-                            let rss_empty = pgid.map_or(0, group_rss_kib);
-                            let half = connections / 2;
-                            let (mut streams, mut failed, mut first_failure) =
-                                load::open_many(&targets, half, 200).await;
-                            tokio::time::sleep(Duration::from_secs(1)).await;
-                            let rss_half = pgid.map_or(0, group_rss_kib);
-                            let held_half = streams.len() as u64;
-                            let (more, more_failed, more_failure) =
-                                load::open_many(&targets, connections - half, 200).await;
-                            streams.extend(more);
-                            failed += more_failed;
-                            first_failure = first_failure.or(more_failure);
-                            let held = streams.len() as u64;
-                            tokio::time::sleep(Duration::from_secs(1)).await;
-                            let rss_all = pgid.map_or(0, group_rss_kib);
-                            rss_per_connection = if held > held_half {
-                                rss_all.saturating_sub(rss_half) as f64 / (held - held_half) as f64
-                            } else {
-                                // Nothing more was taken after the first half (a proxy at its
-                                // limit): no slope, so the average from an empty proxy.
-                                rss_all.saturating_sub(rss_empty) as f64 / held.max(1) as f64
-                            };
-                            let answered = load::echo_all(streams, 200).await;
-                            load::Outcome {
-                                completed: answered,
-                                echoed_bytes: 0,
-                                failures: failed + (held - answered),
-                                elapsed: started.elapsed(),
-                                first_failure,
-                            }
-                        }
-                    }
-                });
-                let proxy_seconds =
+                let mut sample = Sample::default();
+                let outcome = runtime.block_on(run_scenario(
+                    scenario,
+                    &targets,
+                    pgid,
+                    Duration::from_secs(seconds),
+                    &mut sample,
+                ));
+                sample.proxy_cpu_seconds =
                     (pgid.map_or(0, group_ticks) - proxy_before) as f64 / TICKS_PER_SECOND;
-                let machine_seconds =
+                sample.machine_cpu_seconds =
                     (machine_busy_ticks() - machine_before) as f64 / TICKS_PER_SECOND;
                 drop(running);
                 if let Some(why) = &outcome.first_failure {
@@ -473,86 +765,41 @@ fn main() -> Result<()> {
                     );
                 }
                 let elapsed = outcome.elapsed.as_secs_f64();
-                let (value, work) = match scenario {
-                    Scenario::Throughput { .. } => (
-                        outcome.echoed_bytes as f64 / 1e6 / elapsed,
-                        2.0 * outcome.echoed_bytes as f64 / 1e9,
-                    ),
-                    Scenario::Handshakes => (
-                        outcome.completed as f64 / elapsed,
-                        outcome.completed as f64 / 1000.0,
-                    ),
-                    Scenario::Idle { .. } => (outcome.completed as f64, 0.0),
-                };
+                match scenario {
+                    Scenario::Throughput { .. } => {
+                        sample.value = outcome.echoed_bytes as f64 / 1e6 / elapsed;
+                        sample.work = 2.0 * outcome.echoed_bytes as f64 / 1e9;
+                    }
+                    Scenario::Latency { .. } => {
+                        sample.work = 2.0 * outcome.echoed_bytes as f64 / 1e9;
+                    }
+                    Scenario::Handshakes => {
+                        sample.value = outcome.completed as f64 / elapsed;
+                        sample.work = outcome.completed as f64 / 1000.0;
+                    }
+                    Scenario::Idle { .. } | Scenario::Balance { .. } => {}
+                }
+                sample.failures = outcome.failures;
                 eprintln!(
-                    "{:<20} {:<70} {value:>10.0}  proxy CPU {proxy_seconds:.2} s, machine CPU {machine_seconds:.2} s, failures {}",
+                    "{:<20} {:<70} {:>10.0} {}  proxy CPU {:.2} s, machine CPU {:.2} s, failures {}",
                     target.name(),
                     scenario.name(),
+                    sample.value,
+                    sample.split,
+                    sample.proxy_cpu_seconds,
+                    sample.machine_cpu_seconds,
                     outcome.failures
                 );
-                samples.push(Sample {
-                    value,
-                    proxy_cpu_seconds: proxy_seconds,
-                    machine_cpu_seconds: machine_seconds,
-                    work,
-                    failures: outcome.failures,
-                    rss_kib_per_connection: rss_per_connection,
-                });
+                samples.push(sample);
             }
-            let mut values: Vec<f64> = samples.iter().map(|s| s.value).collect();
-            let mut proxy: Vec<f64> = samples
-                .iter()
-                .map(|s| s.proxy_cpu_seconds / s.work.max(1e-9))
-                .collect();
-            let mut machine: Vec<f64> = samples
-                .iter()
-                .map(|s| s.machine_cpu_seconds / s.work.max(1e-9))
-                .collect();
-            let (unit, first_column, second_column) = match scenario {
-                Scenario::Throughput { .. } => (
-                    "echo MB/s",
-                    "proxy CPU s per GB carried",
-                    "machine CPU s per GB carried",
-                ),
-                Scenario::Handshakes => (
-                    "handshakes/s",
-                    "proxy CPU s per 1,000 handshakes",
-                    "machine CPU s per 1,000 handshakes",
-                ),
-                Scenario::Idle { .. } => (
-                    "connections held that echoed",
-                    "proxy RSS KiB per connection",
-                    "connections that failed",
-                ),
-            };
-            let (first, second) = match scenario {
-                Scenario::Idle { .. } => {
-                    let mut rss: Vec<f64> =
-                        samples.iter().map(|s| s.rss_kib_per_connection).collect();
-                    let failed = samples.iter().map(|s| s.failures).max().unwrap_or(0);
-                    (median(&mut rss), failed as f64)
-                }
-                _ => (median(&mut proxy), median(&mut machine)),
-            };
-            rows.push(Row {
-                scenario: scenario.name(),
-                target: target.name().into(),
-                unit: unit.into(),
-                first_column: first_column.into(),
-                second_column: second_column.into(),
-                median: median(&mut values),
-                min: values[0],
-                max: values[values.len() - 1],
-                first,
-                second,
-                samples,
-            });
+            rows.push(summarize(scenario, target, samples));
         }
     }
     if topology.netns.is_some() {
         tear_down_netns();
     }
-    write_results(&rows, quick, only.is_some(), runs, seconds, topology)
+    let partial = only.is_some() || only_scenario.is_some();
+    write_results(&rows, quick, partial, runs, seconds, topology)
 }
 
 fn write_results(
@@ -604,14 +851,25 @@ fn write_results(
     for row in rows {
         if row.scenario != scenario {
             scenario = row.scenario.clone();
+            let names: String = row
+                .columns
+                .iter()
+                .map(|c| format!(" {} |", c.name))
+                .collect();
+            let rule = "---|".repeat(row.columns.len() + 2);
             markdown.push_str(&format!(
-                "\n## {scenario}\n\n| target | {} (median, min-max) | {} | {} |\n|---|---|---|---|\n",
-                row.unit, row.first_column, row.second_column
+                "\n## {scenario}\n\n| target | {} (median, min-max) |{names}\n|{rule}\n",
+                row.unit
             ));
         }
+        let shown: String = row
+            .columns
+            .iter()
+            .map(|c| format!(" {} |", c.shown))
+            .collect();
         markdown.push_str(&format!(
-            "| {} | {:.0} ({:.0}-{:.0}) | {:.3} | {:.3} |\n",
-            row.target, row.median, row.min, row.max, row.first, row.second
+            "| {} | {:.0} ({:.0}-{:.0}) |{shown}\n",
+            row.target, row.median, row.min, row.max
         ));
     }
     std::fs::write(dir.join(format!("{name}.md")), &markdown)?;

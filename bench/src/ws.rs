@@ -32,8 +32,12 @@ pub async fn read_head(stream: &mut TcpStream) -> io::Result<(String, Vec<u8>)> 
     }
 }
 
-/// The client's opening handshake; returns bytes that came after the 101.
-pub async fn connect(stream: &mut TcpStream, host: &str) -> io::Result<Vec<u8>> {
+/// Names the member that answered an upgrade, so the balance scenario can see the split.
+const MEMBER_HEADER: &str = "x-echo-member";
+
+/// The client's opening handshake; returns bytes that came after the 101 and the port of the
+/// member that answered.
+pub async fn connect(stream: &mut TcpStream, host: &str) -> io::Result<(Vec<u8>, Option<u16>)> {
     let request = format!(
         "GET /ws HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
@@ -47,11 +51,18 @@ pub async fn connect(stream: &mut TcpStream, host: &str) -> io::Result<Vec<u8>> 
             head.lines().next().unwrap_or("")
         )));
     }
-    Ok(rest)
+    let member = head.lines().find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        name.trim()
+            .eq_ignore_ascii_case(MEMBER_HEADER)
+            .then(|| value.trim().parse().ok())?
+    });
+    Ok((rest, member))
 }
 
-/// The server's side: answers the upgrade; returns bytes that came after the request.
-pub async fn accept(stream: &mut TcpStream) -> io::Result<Vec<u8>> {
+/// The server's side: answers the upgrade, naming itself by `port`; returns bytes that came
+/// after the request.
+pub async fn accept(stream: &mut TcpStream, port: u16) -> io::Result<Vec<u8>> {
     let (head, rest) = read_head(stream).await?;
     let key = head
         .lines()
@@ -64,7 +75,7 @@ pub async fn accept(stream: &mut TcpStream) -> io::Result<Vec<u8>> {
         .ok_or_else(|| io::Error::other("no Sec-WebSocket-Key"))?;
     let response = format!(
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Accept: {}\r\n\r\n",
+         Sec-WebSocket-Accept: {}\r\n{MEMBER_HEADER}: {port}\r\n\r\n",
         derive_accept_key(key.as_bytes())
     );
     stream.write_all(response.as_bytes()).await?;

@@ -3,8 +3,8 @@
 //! - `cargo xtask test`: the gate (fmt, clippy), every plain test, then the data-plane tests
 //!   (real sockets, real BPF as root) single-threaded in release. Fails, never skips, when a
 //!   prerequisite is missing.
-//! - `cargo xtask bench [--quick] [--only TARGET] [--netns]`: wsplice against nginx, HAProxy
-//!   and Apache.
+//! - `cargo xtask bench [--quick] [--only TARGET] [--scenario NAME] [--netns]`: wsplice
+//!   against nginx, HAProxy and Apache.
 //! - `cargo xtask relay-bench`: tokio vs io_uring for the userspace relay, CPU per GB.
 //! - `cargo xtask build-ebpf`: compiles ebpf/wsplice.bpf.c to target/bpf/ (build.rs does the
 //!   same for the library; this is for inspecting the object, e.g. with bpftool).
@@ -173,7 +173,7 @@ fn main() -> ExitCode {
         "relay-bench" => relay_bench(),
         _ => {
             eprintln!(
-                "usage: cargo xtask <test|bench [--quick] [--only TARGET]|build-ebpf|relay-bench>"
+                "usage: cargo xtask <test|bench [--quick] [--only TARGET] [--scenario NAME]|build-ebpf|relay-bench>"
             );
             return ExitCode::from(64);
         }
