@@ -54,6 +54,7 @@ pub fn run(args: DemoArgs) -> ExitCode {
         listen: args.listen.clone(),
         members: members.iter().map(|a| format!("ws://{a}")).collect(),
         lbmethod: None,
+        ..Default::default()
     }) {
         Ok(config) => config,
         Err(errors) => {

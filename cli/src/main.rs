@@ -39,7 +39,7 @@ enum Command {
 #[derive(Args)]
 struct RunArgs {
     /// TOML config file.
-    #[arg(short, long, conflicts_with_all = ["listen", "member", "lbmethod"])]
+    #[arg(short, long, conflicts_with_all = ["listen", "member", "lbmethod", "tls_cert", "tls_key"])]
     config: Option<PathBuf>,
     /// Quick form: address to listen on, e.g. 0.0.0.0:8080.
     #[arg(long, requires = "member")]
@@ -50,6 +50,12 @@ struct RunArgs {
     /// Quick form: byrequests (default) or least-conn.
     #[arg(long)]
     lbmethod: Option<String>,
+    /// Quick form: serve wss:// with this PEM certificate chain (with --tls-key).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<String>,
+    /// Quick form: the certificate's PEM private key.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<String>,
     /// Worker threads (default: one per core).
     #[arg(long)]
     workers: Option<usize>,
@@ -96,10 +102,12 @@ fn run(args: RunArgs) -> ExitCode {
             listen: listen.clone(),
             members: args.member.clone(),
             lbmethod: args.lbmethod.clone(),
+            tls_cert: args.tls_cert.clone(),
+            tls_key: args.tls_key.clone(),
         }),
         (None, None) => {
             eprintln!(
-                "command line: give -c FILE, or --listen ADDR --member URL [--member URL ...]"
+                "command line: give -c FILE, or --listen ADDR --member URL [--member URL ...] [--tls-cert FILE --tls-key FILE]"
             );
             return ExitCode::from(EXIT_CONFIG);
         }

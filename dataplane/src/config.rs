@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::ops::Range;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -107,6 +108,62 @@ impl LbMethod {
 #[derive(Debug, Clone)]
 pub struct ListenerConfig {
     pub address: SocketAddr,
+    /// wss:// on this listener.
+    pub tls: Option<ListenerTls>,
+    /// Answer every request with a 301 to the same host and path on https://.
+    pub redirect_to_https: bool,
+}
+
+impl ListenerConfig {
+    pub fn plain(address: SocketAddr) -> Self {
+        ListenerConfig {
+            address,
+            tls: None,
+            redirect_to_https: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ListenerTls {
+    /// Chosen by the client's SNI among the names each certificate is valid for; the first
+    /// is the default.
+    pub certificates: Vec<CertificateFiles>,
+    pub unknown_sni: UnknownSni,
+}
+
+/// A PEM certificate chain (leaf first) and its private key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// What a client naming (by SNI) no configured certificate gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnknownSni {
+    /// The default (first) certificate, as nginx and Apache do.
+    Default,
+    /// A refused handshake.
+    Reject,
+}
+
+/// How a cluster's wss:// members are verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberTlsSettings {
+    /// Trust only this CA file's certificates (instead of the system roots).
+    pub ca_file: Option<PathBuf>,
+    /// False only when the config says so explicitly: any certificate is accepted.
+    pub verify: bool,
+}
+
+impl Default for MemberTlsSettings {
+    fn default() -> Self {
+        MemberTlsSettings {
+            ca_file: None,
+            verify: true,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -124,6 +181,7 @@ pub struct ClusterConfig {
     pub name: String,
     pub lbmethod: LbMethod,
     pub members: Vec<MemberConfig>,
+    pub member_tls: MemberTlsSettings,
 }
 
 #[derive(Debug, Clone)]
@@ -131,6 +189,9 @@ pub struct MemberConfig {
     pub url: String,
     pub address: SocketAddr,
     pub weight: u32,
+    /// wss://: TLS to the member, verified against `host`.
+    pub tls: bool,
+    pub host: String,
 }
 
 /// A config error: where it is and what is wrong.
@@ -205,6 +266,25 @@ enum RawSize {
 #[serde(deny_unknown_fields)]
 struct RawListener {
     address: Spanned<String>,
+    tls: Option<Spanned<RawTls>>,
+    redirect_to_https: Option<Spanned<bool>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: Option<Spanned<String>>,
+    key: Option<Spanned<String>>,
+    #[serde(default)]
+    more_certificates: Vec<RawCertificate>,
+    unknown_sni: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCertificate {
+    cert: Spanned<String>,
+    key: Spanned<String>,
 }
 
 #[derive(Deserialize)]
@@ -220,6 +300,8 @@ struct RawRoute {
 struct RawCluster {
     name: Spanned<String>,
     lbmethod: Option<Spanned<String>>,
+    tls_ca: Option<Spanned<String>>,
+    tls_verify: Option<Spanned<bool>>,
     #[serde(default, rename = "member")]
     members: Vec<RawMember>,
 }
@@ -249,6 +331,7 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigErrors> {
     let mut checker = Checker {
         file,
         text,
+        base: Path::new(file).parent().map(Path::to_path_buf),
         errors: Vec::new(),
     };
     let raw: RawConfig = match toml::from_str(text) {
@@ -270,6 +353,8 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigErrors> {
 struct Checker<'a> {
     file: &'a str,
     text: &'a str,
+    /// Relative certificate and CA paths are taken from the config file's directory.
+    base: Option<PathBuf>,
     errors: Vec<ConfigError>,
 }
 
@@ -288,16 +373,31 @@ impl Checker<'_> {
         let server = self.server(raw.server);
         let mut listeners = Vec::new();
         for listener in raw.listeners {
-            match listener.address.get_ref().parse::<SocketAddr>() {
-                Ok(address) => listeners.push(ListenerConfig { address }),
-                Err(_) => self.error(
+            let Ok(address) = listener.address.get_ref().parse::<SocketAddr>() else {
+                self.error(
                     listener.address.span(),
                     format!(
                         "listener address {:?} is not IP:PORT",
                         listener.address.get_ref()
                     ),
-                ),
-            }
+                );
+                continue;
+            };
+            let tls = listener.tls.and_then(|tls| self.listener_tls(tls));
+            let redirect_to_https = listener.redirect_to_https.is_some_and(|redirect| {
+                if *redirect.get_ref() && tls.is_some() {
+                    self.error(
+                        redirect.span(),
+                        "redirect_to_https is for a plain listener; this one has tls",
+                    );
+                }
+                *redirect.get_ref()
+            });
+            listeners.push(ListenerConfig {
+                address,
+                tls,
+                redirect_to_https,
+            });
         }
         if listeners.is_empty() {
             self.error(0..0, "no [[listener]]: nothing to serve on");
@@ -331,10 +431,12 @@ impl Checker<'_> {
                 .into_iter()
                 .filter_map(|member| self.member(member))
                 .collect();
+            let member_tls = self.member_tls(cluster.tls_ca, cluster.tls_verify);
             clusters.push(ClusterConfig {
                 name,
                 lbmethod,
                 members,
+                member_tls,
             });
         }
 
@@ -452,17 +554,96 @@ impl Checker<'_> {
                 }
             },
         };
-        match member_address(raw.url.get_ref()) {
-            Ok(address) => Some(MemberConfig {
-                url: raw.url.into_inner(),
-                address,
-                weight,
-            }),
+        match MemberConfig::parse(raw.url.get_ref(), weight) {
+            Ok(member) => Some(member),
             Err(message) => {
                 self.error(raw.url.span(), message);
                 None
             }
         }
+    }
+
+    fn path(&self, text: &str) -> PathBuf {
+        let path = Path::new(text);
+        match &self.base {
+            Some(base) if path.is_relative() => base.join(path),
+            _ => path.to_path_buf(),
+        }
+    }
+
+    /// A listener's `tls = { cert, key, more_certificates, unknown_sni }`; every file is read
+    /// now, so a bad one is reported at its line.
+    fn listener_tls(&mut self, raw: Spanned<RawTls>) -> Option<ListenerTls> {
+        let span = raw.span();
+        let raw = raw.into_inner();
+        let mut pairs = Vec::new();
+        match (raw.cert, raw.key) {
+            (Some(cert), Some(key)) => pairs.push((cert, key)),
+            (None, None) => {}
+            _ => {
+                self.error(span.clone(), "tls needs both cert and key");
+                return None;
+            }
+        }
+        pairs.extend(raw.more_certificates.into_iter().map(|c| (c.cert, c.key)));
+        if pairs.is_empty() {
+            self.error(span, "tls needs cert and key (PEM files)");
+            return None;
+        }
+        let unknown_sni = match raw.unknown_sni {
+            None => UnknownSni::Default,
+            Some(text) => match text.get_ref().as_str() {
+                "default" => UnknownSni::Default,
+                "reject" => UnknownSni::Reject,
+                other => {
+                    self.error(
+                        text.span(),
+                        format!("unknown_sni {other:?}: expected \"default\" or \"reject\""),
+                    );
+                    UnknownSni::Default
+                }
+            },
+        };
+        let mut certificates = Vec::new();
+        for (cert, key) in pairs {
+            let files = CertificateFiles {
+                cert: self.path(cert.get_ref()),
+                key: self.path(key.get_ref()),
+            };
+            match crate::tls::load_certified_key(&files) {
+                Ok(_) => certificates.push(files),
+                Err(message) => self.error(cert.span(), message),
+            }
+        }
+        (!certificates.is_empty()).then_some(ListenerTls {
+            certificates,
+            unknown_sni,
+        })
+    }
+
+    fn member_tls(
+        &mut self,
+        ca: Option<Spanned<String>>,
+        verify: Option<Spanned<bool>>,
+    ) -> MemberTlsSettings {
+        let mut settings = MemberTlsSettings::default();
+        if let Some(verify) = &verify {
+            settings.verify = *verify.get_ref();
+        }
+        if let Some(ca) = ca {
+            if !settings.verify {
+                self.error(
+                    ca.span(),
+                    "tls_ca is pointless with tls_verify = false; keep one of them",
+                );
+            }
+            let path = self.path(ca.get_ref());
+            match crate::tls::roots_from_file(&path) {
+                Ok(_) => settings.ca_file = Some(path),
+                Err(message) => self.error(ca.span(), message),
+            }
+        }
+        settings
     }
 }
 
@@ -472,6 +653,9 @@ pub struct QuickForm {
     pub listen: String,
     pub members: Vec<String>,
     pub lbmethod: Option<String>,
+    /// wss:// on the listener: a PEM certificate chain and its key.
+    pub tls_cert: Option<String>,
+    pub tls_key: Option<String>,
 }
 
 /// Builds a config from the quick form's flags, with the same checks as a file.
@@ -484,8 +668,34 @@ pub fn quick(form: &QuickForm) -> Result<Config, ConfigErrors> {
             message,
         })
     };
+    let tls = match (&form.tls_cert, &form.tls_key) {
+        (None, None) => None,
+        (Some(cert), Some(key)) => {
+            let files = CertificateFiles {
+                cert: cert.into(),
+                key: key.into(),
+            };
+            match crate::tls::load_certified_key(&files) {
+                Ok(_) => Some(ListenerTls {
+                    certificates: vec![files],
+                    unknown_sni: UnknownSni::Default,
+                }),
+                Err(message) => {
+                    fail(format!("--tls-cert/--tls-key: {message}"));
+                    None
+                }
+            }
+        }
+        _ => {
+            fail("--tls-cert and --tls-key go together".into());
+            None
+        }
+    };
     let listeners = match form.listen.parse::<SocketAddr>() {
-        Ok(address) => vec![ListenerConfig { address }],
+        Ok(address) => vec![ListenerConfig {
+            tls,
+            ..ListenerConfig::plain(address)
+        }],
         Err(_) => {
             fail(format!("--listen {:?} is not IP:PORT", form.listen));
             Vec::new()
@@ -497,12 +707,8 @@ pub fn quick(form: &QuickForm) -> Result<Config, ConfigErrors> {
     let members = form
         .members
         .iter()
-        .filter_map(|url| match member_address(url) {
-            Ok(address) => Some(MemberConfig {
-                url: url.clone(),
-                address,
-                weight: 1,
-            }),
+        .filter_map(|url| match MemberConfig::parse(url, 1) {
+            Ok(member) => Some(member),
             Err(message) => {
                 fail(message);
                 None
@@ -532,18 +738,36 @@ pub fn quick(form: &QuickForm) -> Result<Config, ConfigErrors> {
             name: "default".into(),
             lbmethod,
             members,
+            member_tls: MemberTlsSettings::default(),
         }],
     })
 }
 
-/// Parses `ws://host:port[/]` and resolves it once, at load time.
-pub fn member_address(url: &str) -> Result<SocketAddr, String> {
-    let Some(rest) = url.strip_prefix("ws://") else {
-        return Err(if url.starts_with("wss://") {
-            format!("member {url:?}: wss:// members are not supported yet; use ws://")
-        } else {
-            format!("member {url:?}: expected ws://HOST:PORT")
-        });
+impl MemberConfig {
+    /// A member from its url, `ws://` or `wss://HOST[:PORT][/]`, resolved once, at load time.
+    pub fn parse(url: &str, weight: u32) -> Result<Self, String> {
+        let (address, tls, host) = member_address(url)?;
+        Ok(MemberConfig {
+            url: url.to_string(),
+            address,
+            weight,
+            tls,
+            host,
+        })
+    }
+}
+
+/// Parses `ws[s]://host[:port][/]` and resolves it once; returns the address, whether it is
+/// wss://, and the host (what a wss:// member's certificate must name).
+pub fn member_address(url: &str) -> Result<(SocketAddr, bool, String), String> {
+    let (rest, tls, default_port) = if let Some(rest) = url.strip_prefix("ws://") {
+        (rest, false, 80)
+    } else if let Some(rest) = url.strip_prefix("wss://") {
+        (rest, true, 443)
+    } else {
+        return Err(format!(
+            "member {url:?}: expected ws://HOST:PORT or wss://HOST:PORT"
+        ));
     };
     let authority = match rest.find('/') {
         None => rest,
@@ -559,14 +783,23 @@ pub fn member_address(url: &str) -> Result<SocketAddr, String> {
     }) {
         authority.to_string()
     } else {
-        format!("{authority}:80")
+        format!("{authority}:{default_port}")
     };
-    let host = with_port.trim_start_matches('[');
-    with_port
+    let host = with_port
+        .rsplit_once(':')
+        .map_or(with_port.as_str(), |(host, _)| host)
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    if tls && let Err(message) = crate::tls::member_server_name(&host) {
+        return Err(format!("member {url:?}: not a TLS server name: {message}"));
+    }
+    let address = with_port
         .to_socket_addrs()
         .map_err(|error| format!("member {url:?}: cannot resolve {host:?}: {error}"))?
         .next()
-        .ok_or_else(|| format!("member {url:?}: {host:?} resolves to no address"))
+        .ok_or_else(|| format!("member {url:?}: {host:?} resolves to no address"))?;
+    Ok((address, tls, host))
 }
 
 fn size_value(raw: &RawSize) -> Result<u64, String> {
@@ -686,6 +919,7 @@ weight = 3
             listen: "127.0.0.1:0".into(),
             members: vec!["ws://127.0.0.1:1".into(), "ws://127.0.0.1:2".into()],
             lbmethod: Some("least-conn".into()),
+            ..Default::default()
         };
         let config = quick(&form).unwrap();
         assert_eq!(config.clusters[0].members.len(), 2);
@@ -694,10 +928,84 @@ weight = 3
             listen: "nowhere".into(),
             members: vec!["http://x".into()],
             lbmethod: Some("fastest".into()),
+            tls_cert: Some("cert.pem".into()),
+            tls_key: None,
         };
         let errors = quick(&bad).unwrap_err();
-        assert_eq!(errors.0.len(), 3, "{errors}");
+        assert_eq!(errors.0.len(), 4, "{errors}");
+        assert!(
+            errors
+                .to_string()
+                .contains("--tls-cert and --tls-key go together")
+        );
         assert!(errors.to_string().starts_with("command line: "));
+    }
+
+    #[test]
+    fn tls_settings_are_checked_with_their_lines() {
+        let text = r#"
+[[listener]]
+address = "127.0.0.1:8443"
+tls = { cert = "/nonexistent/cert.pem", key = "/nonexistent/key.pem" }
+
+[[listener]]
+address = "127.0.0.1:8444"
+tls = { cert = "/nonexistent/cert.pem" }
+
+[[listener]]
+address = "127.0.0.1:8445"
+tls = { cert = "a", key = "b", unknown_sni = "sometimes" }
+
+[[route]]
+cluster = "c"
+
+[[cluster]]
+name = "c"
+tls_ca = "/nonexistent/ca.pem"
+[[cluster.member]]
+url = "wss://localhost:3000"
+"#;
+        let errors = parse("t.toml", text).unwrap_err().to_string();
+        assert!(
+            errors.contains("t.toml:4: certificate /nonexistent/cert.pem"),
+            "{errors}"
+        );
+        assert!(
+            errors.contains("t.toml:8: tls needs both cert and key"),
+            "{errors}"
+        );
+        assert!(
+            errors.contains("t.toml:12: unknown_sni \"sometimes\""),
+            "{errors}"
+        );
+        assert!(
+            errors.contains("t.toml:19: CA file /nonexistent/ca.pem"),
+            "{errors}"
+        );
+    }
+
+    #[test]
+    fn a_wss_member_is_verified_unless_the_config_says_not_to() {
+        let text = r#"
+[[listener]]
+address = "127.0.0.1:8080"
+redirect_to_https = true
+[[route]]
+cluster = "c"
+[[cluster]]
+name = "c"
+tls_verify = false
+[[cluster.member]]
+url = "wss://localhost:3000"
+"#;
+        let config = parse("t.toml", text).unwrap();
+        assert!(config.listeners[0].redirect_to_https);
+        let member = &config.clusters[0].members[0];
+        assert!(member.tls);
+        assert_eq!(member.host, "localhost");
+        assert!(!config.clusters[0].member_tls.verify);
+        let verified = parse("t.toml", &text.replace("tls_verify = false\n", "")).unwrap();
+        assert!(verified.clusters[0].member_tls.verify);
     }
 
     #[test]
@@ -712,14 +1020,15 @@ weight = 3
     fn member_urls_are_checked() {
         assert!(member_address("ws://127.0.0.1:9").is_ok());
         assert!(member_address("ws://127.0.0.1:9/chat").is_err());
-        assert!(
-            member_address("wss://127.0.0.1:9")
-                .unwrap_err()
-                .contains("wss://")
+        assert!(member_address("http://127.0.0.1:9").is_err());
+        let (address, tls, host) = member_address("wss://localhost").unwrap();
+        assert_eq!(
+            (address.port(), tls, host.as_str()),
+            (443, true, "localhost")
         );
         assert_eq!(
             member_address("ws://[::1]:9").unwrap(),
-            "[::1]:9".parse().unwrap()
+            ("[::1]:9".parse().unwrap(), false, "::1".to_string())
         );
     }
 }

@@ -14,6 +14,7 @@ use crate::balancer::Lease;
 use crate::config::{DataplaneMode, ServerSettings};
 use crate::offload::{Pair, Sockmap};
 use crate::relay;
+use crate::tls::Stream;
 
 /// How a ws:// pair is carried once established.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,11 +92,11 @@ impl Dataplane {
     /// Carries an upgraded pair until both sides have closed.
     pub async fn carry(
         self: Arc<Self>,
-        mut client: TcpStream,
+        mut client: Stream,
         client_early: Bytes,
-        mut member: TcpStream,
+        mut member: Stream,
         member_early: Bytes,
-        mut lease: Lease,
+        lease: Lease,
     ) {
         let forwarded = tokio::time::timeout(self.handover_timeout, async {
             member.write_all(&client_early).await?;
@@ -116,13 +117,21 @@ impl Dataplane {
                 return;
             }
         }
-        if let Some(sockmap) = &self.sockmap {
-            match self.offload(sockmap, client, member, lease) {
-                Ok(()) => return,
-                Err((c, m, l)) => (client, member, lease) = (c, m, l),
+        let outcome = match (client, member) {
+            (Stream::Plain(client), Stream::Plain(member)) => {
+                let (client, member, lease) = match &self.sockmap {
+                    Some(sockmap) => match self.offload(sockmap, client, member, lease) {
+                        Ok(()) => return,
+                        Err(pair) => pair,
+                    },
+                    None => (client, member, lease),
+                };
+                relay::carry(client, member, lease).await
             }
-        }
-        if let Err(error) = relay::carry(client, member, lease).await {
+            // A TLS leg: rustls encrypts and decrypts in userspace.
+            (client, member) => relay::carry(client, member, lease).await,
+        };
+        if let Err(error) = outcome {
             tracing::debug!("relayed pair ended with {error}");
         }
     }

@@ -1,7 +1,8 @@
 //! The HTTP stage: read the client's request (hyper), validate a WebSocket upgrade (RFC 6455
 //! section 4.2.1), route it, forward it to a member with Host kept and X-Forwarded-* added, and
 //! relay the member's answer. A 101 hands both sockets to the data plane; any other answer goes
-//! to the client as it is. Plain requests are reverse-proxied one by one.
+//! to the client as it is. Plain requests are reverse-proxied one by one. A plain listener
+//! set to redirect answers everything with a 301 to https://.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -19,13 +20,22 @@ use tokio::net::TcpStream;
 
 use crate::balancer::Lease;
 use crate::config::ServerSettings;
-use crate::router::Cluster;
+use crate::router::{Cluster, Member};
 use crate::server::Shared;
+use crate::tls::Stream;
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
+/// What the listener a connection came through asks of it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Entry {
+    /// The client's leg is TLS (X-Forwarded-Proto: https).
+    pub tls: bool,
+    pub redirect_to_https: bool,
+}
+
 /// Serves one client connection until it closes or upgrades.
-pub async fn serve(stream: TcpStream, client: SocketAddr, shared: Arc<Shared>) {
+pub async fn serve(stream: Stream, client: SocketAddr, shared: Arc<Shared>, entry: Entry) {
     let settings = &shared.settings;
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
@@ -37,14 +47,31 @@ pub async fn serve(stream: TcpStream, client: SocketAddr, shared: Arc<Shared>) {
     let service_shared = Arc::clone(&shared);
     let service = hyper::service::service_fn(move |request| {
         let shared = Arc::clone(&service_shared);
-        async move { Ok::<_, Infallible>(handle(request, client, shared).await) }
+        async move { Ok::<_, Infallible>(handle(request, client, shared, entry).await) }
     });
     let connection = builder
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
     if let Err(error) = connection.await {
-        // hyper has already answered a malformed request (400, 431, 414) where it could.
-        tracing::info!("client {client}: connection ended: {error}");
+        // A client gone while hyper closed the connection is ordinary; anything else (hyper
+        // has already answered a malformed request with 400, 431 or 414 where it could) is
+        // worth a line.
+        let gone = std::error::Error::source(&error)
+            .and_then(|source| source.downcast_ref::<std::io::Error>())
+            .is_some_and(|io| {
+                matches!(
+                    io.kind(),
+                    std::io::ErrorKind::BrokenPipe
+                        | std::io::ErrorKind::ConnectionReset
+                        | std::io::ErrorKind::NotConnected
+                        | std::io::ErrorKind::UnexpectedEof
+                )
+            });
+        if gone {
+            tracing::debug!("client {client}: connection ended: {error}");
+        } else {
+            tracing::info!("client {client}: connection ended: {error}");
+        }
     }
 }
 
@@ -127,10 +154,34 @@ fn is_websocket_key(key: &str) -> bool {
             .is_some_and(|value| value & 0x0f == 0)
 }
 
+/// The seed's `RewriteRule ^(.*)$ https://%{HTTP_HOST}%{REQUEST_URI} [R=301,L]`.
+fn redirect_to_https(host: Option<&str>, path: &str, client: SocketAddr) -> Response<Body> {
+    let location = host.map(crate::router::host_without_port).and_then(|name| {
+        // The https:// listener is on the default port; a v6 literal keeps its brackets.
+        let name = if name.contains(':') {
+            format!("[{name}]")
+        } else {
+            name.to_string()
+        };
+        HeaderValue::from_str(&format!("https://{name}{path}")).ok()
+    });
+    let Some(location) = location else {
+        tracing::info!("client {client}: 400: no usable Host to redirect to https://");
+        return text(
+            StatusCode::BAD_REQUEST,
+            "the request has no usable Host header",
+        );
+    };
+    let mut response = text(StatusCode::MOVED_PERMANENTLY, "moved to https://");
+    response.headers_mut().insert(header::LOCATION, location);
+    response
+}
+
 async fn handle(
     mut request: Request<Incoming>,
     client: SocketAddr,
     shared: Arc<Shared>,
+    entry: Entry,
 ) -> Response<Body> {
     let host = header_str(request.headers(), header::HOST).map(str::to_owned);
     let path = request
@@ -138,6 +189,9 @@ async fn handle(
         .path_and_query()
         .map_or("/", |p| p.as_str())
         .to_owned();
+    if entry.redirect_to_https {
+        return redirect_to_https(host.as_deref(), &path, client);
+    }
     let Some(cluster) = shared.router.route(host.as_deref(), &path) else {
         tracing::info!(
             "client {client}: 404: no route for host {:?} path {path}",
@@ -146,7 +200,7 @@ async fn handle(
         return text(StatusCode::NOT_FOUND, "no route for this host and path");
     };
     if !wants_upgrade(&request) {
-        return proxy_plain(request, client, cluster, &shared).await;
+        return proxy_plain(request, client, cluster, &shared, entry).await;
     }
     if let Err(reason) = validate_upgrade(&request) {
         tracing::info!("client {client}: 400: {reason}");
@@ -164,7 +218,7 @@ async fn handle(
 
     let client_upgrade = hyper::upgrade::on(&mut request);
     let (parts, _) = request.into_parts();
-    let forwarded = forwarded_headers(&parts.headers, client, host.as_deref());
+    let forwarded = forwarded_headers(&parts.headers, client, host.as_deref(), entry.tls);
     let attempt = tokio::time::timeout(
         shared.settings.handshake_timeout,
         upgrade_member(cluster, &parts.method, &path, &forwarded, &shared),
@@ -199,7 +253,7 @@ async fn handle(
                 return;
             }
         };
-        match upgraded.downcast::<TokioIo<TcpStream>>() {
+        match upgraded.downcast::<TokioIo<Stream>>() {
             Ok(parts) => {
                 dataplane
                     .carry(
@@ -211,7 +265,7 @@ async fn handle(
                     )
                     .await;
             }
-            Err(_) => tracing::error!("client {client}: upgraded connection is not a TCP stream"),
+            Err(_) => tracing::error!("client {client}: upgraded connection lost its type"),
         }
     });
     response
@@ -220,7 +274,7 @@ async fn handle(
 /// The member's side of a successful upgrade.
 struct Switched {
     headers: HeaderMap,
-    stream: TcpStream,
+    stream: Stream,
     /// Bytes the member sent right after its 101.
     early: Bytes,
     lease: Lease,
@@ -264,7 +318,12 @@ impl Failure {
 }
 
 /// Headers for the member: the client's, with X-Forwarded-For/-Proto/-Host added.
-fn forwarded_headers(headers: &HeaderMap, client: SocketAddr, host: Option<&str>) -> HeaderMap {
+fn forwarded_headers(
+    headers: &HeaderMap,
+    client: SocketAddr,
+    host: Option<&str>,
+    tls: bool,
+) -> HeaderMap {
     let mut forwarded = headers.clone();
     let client_ip = client.ip().to_string();
     let chain = match header_str(headers, HeaderName::from_static("x-forwarded-for")) {
@@ -276,7 +335,7 @@ fn forwarded_headers(headers: &HeaderMap, client: SocketAddr, host: Option<&str>
     }
     forwarded.insert(
         HeaderName::from_static("x-forwarded-proto"),
-        HeaderValue::from_static("http"),
+        HeaderValue::from_static(if tls { "https" } else { "http" }),
     );
     if let Some(value) = host.and_then(|h| HeaderValue::from_str(h).ok()) {
         forwarded.insert(HeaderName::from_static("x-forwarded-host"), value);
@@ -309,6 +368,19 @@ async fn connect(address: SocketAddr, settings: &ServerSettings) -> Result<TcpSt
     }
 }
 
+/// Connects to a member; for wss://, also the TLS handshake, its certificate verified.
+async fn open_member(member: &Member, settings: &ServerSettings) -> Result<Stream, String> {
+    let stream = connect(member.address, settings).await?;
+    let Some(tls) = &member.tls else {
+        return Ok(Stream::Plain(stream));
+    };
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::clone(&tls.config));
+    match connector.connect(tls.server_name.clone(), stream).await {
+        Ok(stream) => Ok(Stream::Tls(Box::new(stream.into()))),
+        Err(error) => Err(format!("{}: TLS: {error}", member.url)),
+    }
+}
+
 /// Tries members in balancer order, each at most once, until one answers.
 async fn upgrade_member(
     cluster: &Cluster,
@@ -323,7 +395,7 @@ async fn upgrade_member(
         let index = lease.member();
         tried[index] = true;
         let member = &cluster.members[index];
-        let stream = match connect(member.address, &shared.settings).await {
+        let stream = match open_member(member, &shared.settings).await {
             Ok(stream) => stream,
             Err(reason) => {
                 reasons.push(reason);
@@ -372,7 +444,7 @@ async fn upgrade_member(
                 continue;
             }
         };
-        let parts = match upgraded.downcast::<TokioIo<TcpStream>>() {
+        let parts = match upgraded.downcast::<TokioIo<Stream>>() {
             Ok(parts) => parts,
             Err(_) => {
                 return Err(Failure::AllFailed(vec![
@@ -426,10 +498,11 @@ async fn proxy_plain(
     client: SocketAddr,
     cluster: &Cluster,
     shared: &Shared,
+    entry: Entry,
 ) -> Response<Body> {
     let host = header_str(request.headers(), header::HOST).map(str::to_owned);
     let (mut parts, body) = request.into_parts();
-    parts.headers = forwarded_headers(&parts.headers, client, host.as_deref());
+    parts.headers = forwarded_headers(&parts.headers, client, host.as_deref(), entry.tls);
     strip_hop_by_hop(&mut parts.headers);
     parts.version = Version::HTTP_11;
     if let Some(path) = parts.uri.path_and_query().cloned() {
@@ -440,7 +513,7 @@ async fn proxy_plain(
     while let Some(lease) = Lease::pick(&cluster.balancer, |index| !tried[index]) {
         tried[lease.member()] = true;
         let member = &cluster.members[lease.member()];
-        let stream = match connect(member.address, &shared.settings).await {
+        let stream = match open_member(member, &shared.settings).await {
             Ok(stream) => stream,
             Err(reason) => {
                 reasons.push(reason);
@@ -560,6 +633,7 @@ mod tests {
             &headers,
             "192.0.2.7:5000".parse().unwrap(),
             Some("example.com"),
+            false,
         );
         assert_eq!(out["x-forwarded-for"], "10.0.0.1, 192.0.2.7");
         assert_eq!(out["x-forwarded-proto"], "http");

@@ -1,8 +1,9 @@
 //! wsplice: a WebSocket load balancer whose established streams are carried by the kernel.
 //!
-//! Data flow, one module per stage: [`server`] (listeners, workers) -> [`http`] (request,
-//! upgrade validation, member handshake) -> [`router`] + [`balancer`] (which member) ->
-//! [`dataplane`] (hand-over) -> [`offload`] (BPF sockmap) or [`relay`] (userspace).
+//! Data flow, one module per stage: [`server`] (listeners, workers) -> [`tls`] (wss://) ->
+//! [`http`] (request, upgrade validation, member handshake) -> [`router`] + [`balancer`]
+//! (which member) -> [`dataplane`] (hand-over) -> [`offload`] (BPF sockmap) or [`relay`]
+//! (userspace, rustls for TLS legs).
 //! Only [`sys`] talks to the kernel with `unsafe`.
 #![deny(unsafe_code)]
 
@@ -15,3 +16,4 @@ pub mod relay;
 pub mod router;
 pub mod server;
 pub mod sys;
+pub mod tls;

@@ -10,6 +10,14 @@ use crate::config::{Config, LbMethod};
 pub struct Member {
     pub url: String,
     pub address: SocketAddr,
+    /// wss://: the client configuration and the name the certificate must carry.
+    pub tls: Option<MemberTls>,
+}
+
+#[derive(Debug, Clone)]
+pub struct MemberTls {
+    pub config: Arc<rustls::ClientConfig>,
+    pub server_name: rustls::pki_types::ServerName<'static>,
 }
 
 #[derive(Debug)]
@@ -34,27 +42,42 @@ pub struct Router {
 }
 
 impl Router {
-    pub fn new(config: &Config) -> Self {
-        let clusters = config
-            .clusters
-            .iter()
-            .map(|cluster| {
-                let weights: Vec<u32> = cluster.members.iter().map(|m| m.weight).collect();
-                Cluster {
-                    name: cluster.name.clone(),
-                    lbmethod: cluster.lbmethod,
-                    members: cluster
-                        .members
-                        .iter()
-                        .map(|m| Member {
-                            url: m.url.clone(),
-                            address: m.address,
-                        })
-                        .collect(),
-                    balancer: Arc::new(Mutex::new(Balancer::new(cluster.lbmethod, &weights))),
-                }
-            })
-            .collect();
+    /// Fails when a cluster's member TLS settings cannot be built (a CA file gone since the
+    /// config was checked).
+    pub fn new(config: &Config) -> Result<Self, String> {
+        let mut clusters = Vec::new();
+        for cluster in &config.clusters {
+            let weights: Vec<u32> = cluster.members.iter().map(|m| m.weight).collect();
+            let client_config = if cluster.members.iter().any(|m| m.tls) {
+                Some(
+                    crate::tls::client_config(&cluster.member_tls)
+                        .map_err(|error| format!("cluster {}: {error}", cluster.name))?,
+                )
+            } else {
+                None
+            };
+            let mut members = Vec::new();
+            for member in &cluster.members {
+                let tls = match (&client_config, member.tls) {
+                    (Some(config), true) => Some(MemberTls {
+                        config: Arc::clone(config),
+                        server_name: crate::tls::member_server_name(&member.host)?,
+                    }),
+                    _ => None,
+                };
+                members.push(Member {
+                    url: member.url.clone(),
+                    address: member.address,
+                    tls,
+                });
+            }
+            clusters.push(Cluster {
+                name: cluster.name.clone(),
+                lbmethod: cluster.lbmethod,
+                members,
+                balancer: Arc::new(Mutex::new(Balancer::new(cluster.lbmethod, &weights))),
+            });
+        }
         let routes = config
             .routes
             .iter()
@@ -64,7 +87,7 @@ impl Router {
                 cluster: route.cluster,
             })
             .collect();
-        Router { routes, clusters }
+        Ok(Router { routes, clusters })
     }
 
     /// The cluster for a request, given its Host header (port allowed) and path.
@@ -84,7 +107,7 @@ impl Router {
     }
 }
 
-fn host_without_port(host: &str) -> &str {
+pub fn host_without_port(host: &str) -> &str {
     if host.starts_with('[') {
         // [v6]:port
         return host.split_once(']').map_or(host, |(v6, _)| &v6[1..]);
@@ -126,7 +149,7 @@ name = "web"
 [[cluster.member]]
 url = "ws://127.0.0.1:3002"
 "#;
-        Router::new(&crate::config::parse("t.toml", text).unwrap())
+        Router::new(&crate::config::parse("t.toml", text).unwrap()).unwrap()
     }
 
     #[test]
@@ -156,7 +179,7 @@ name = "c"
 [[cluster.member]]
 url = "ws://127.0.0.1:3001"
 "#;
-        let router = Router::new(&crate::config::parse("t.toml", text).unwrap());
+        let router = Router::new(&crate::config::parse("t.toml", text).unwrap()).unwrap();
         assert!(router.route(Some("x"), "/other").is_none());
         assert_eq!(host_without_port("[::1]:80"), "::1");
     }

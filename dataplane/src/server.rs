@@ -13,7 +13,9 @@ use tokio::sync::watch;
 
 use crate::config::{Config, DataplaneMode, ServerSettings};
 use crate::dataplane::{Carrier, Dataplane};
+use crate::http::{self, Entry};
 use crate::router::Router;
+use crate::tls::{CertificateStore, Reload, ServerTls, Stream};
 
 /// Counters for metrics and tests.
 #[derive(Debug, Default)]
@@ -21,6 +23,7 @@ pub struct ServerStats {
     pub accepted: AtomicU64,
     pub upgrades: AtomicU64,
     pub rejected_upgrades: AtomicU64,
+    pub tls_failures: AtomicU64,
 }
 
 /// What every connection's session can reach.
@@ -70,6 +73,8 @@ pub enum StartError {
     Dataplane(String),
     #[error("cannot start a worker: {0}")]
     Worker(io::Error),
+    #[error("{0}")]
+    Tls(String),
 }
 
 fn reuseport_listener(
@@ -108,9 +113,22 @@ pub fn start(config: Config) -> Result<ServerHandle, StartError> {
 
     // Bind every worker's listeners here so a bad address fails start-up, not a thread.
     let mut addresses = Vec::new();
-    let mut per_worker: Vec<Vec<std::net::TcpListener>> =
-        (0..settings.workers).map(|_| Vec::new()).collect();
+    let mut per_worker: Vec<Vec<Listening>> = (0..settings.workers).map(|_| Vec::new()).collect();
+    let mut certificate_stores = Vec::new();
     for listener in &config.listeners {
+        let tls = match &listener.tls {
+            Some(tls) => {
+                let tls = ServerTls::new(tls)
+                    .map_err(|error| StartError::Tls(format!("{}: {error}", listener.address)))?;
+                certificate_stores.push(Arc::clone(&tls.store));
+                Some(tokio_rustls::TlsAcceptor::from(tls.config))
+            }
+            None => None,
+        };
+        let entry = Entry {
+            tls: tls.is_some(),
+            redirect_to_https: listener.redirect_to_https,
+        };
         let mut address = listener.address;
         for worker in &mut per_worker {
             let bound = reuseport_listener(address, settings.socket_buffers())
@@ -118,19 +136,41 @@ pub fn start(config: Config) -> Result<ServerHandle, StartError> {
             address = bound
                 .local_addr()
                 .map_err(|source| StartError::Listen { address, source })?;
-            worker.push(bound);
+            worker.push(Listening {
+                listener: bound,
+                tls: tls.clone(),
+                entry,
+            });
         }
-        tracing::info!("listening on {address} ({} workers)", settings.workers);
+        let kind = match (&tls, listener.redirect_to_https) {
+            (Some(_), _) => "wss:// and https://",
+            (None, true) => "redirecting to https://",
+            (None, false) => "ws:// and http://",
+        };
+        tracing::info!(
+            "listening on {address}, {kind} ({} workers)",
+            settings.workers
+        );
         addresses.push(address);
     }
+    let router = Router::new(&config).map_err(StartError::Tls)?;
+    let any_tls = !certificate_stores.is_empty()
+        || config
+            .clusters
+            .iter()
+            .any(|cluster| cluster.members.iter().any(|member| member.tls));
+    if any_tls {
+        tracing::info!("{}", crate::tls::carrier_announcement());
+    }
+    let (stop, stopped) = watch::channel(false);
+    spawn_certificate_reloader(certificate_stores, stopped.clone()).map_err(StartError::Worker)?;
 
     let shared = Arc::new(Shared {
-        router: Router::new(&config),
+        router,
         dataplane: Arc::new(dataplane),
         settings,
         stats: ServerStats::default(),
     });
-    let (stop, stopped) = watch::channel(false);
     let mut workers = Vec::new();
     for (index, listeners) in per_worker.into_iter().enumerate() {
         let shared = Arc::clone(&shared);
@@ -149,11 +189,14 @@ pub fn start(config: Config) -> Result<ServerHandle, StartError> {
     })
 }
 
-fn run_worker(
-    listeners: Vec<std::net::TcpListener>,
-    shared: Arc<Shared>,
-    mut stopped: watch::Receiver<bool>,
-) {
+/// One worker's socket for one listener, and what the listener asks of its connections.
+struct Listening {
+    listener: std::net::TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    entry: Entry,
+}
+
+fn run_worker(listeners: Vec<Listening>, shared: Arc<Shared>, mut stopped: watch::Receiver<bool>) {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -165,27 +208,60 @@ fn run_worker(
         }
     };
     runtime.block_on(async move {
-        for listener in listeners {
-            let listener = match tokio::net::TcpListener::from_std(listener) {
+        for listening in listeners {
+            let listener = match tokio::net::TcpListener::from_std(listening.listener) {
                 Ok(listener) => listener,
                 Err(error) => {
                     tracing::error!("worker listener: {error}");
                     continue;
                 }
             };
-            tokio::spawn(accept_loop(listener, Arc::clone(&shared)));
+            tokio::spawn(accept_loop(
+                listener,
+                listening.tls,
+                listening.entry,
+                Arc::clone(&shared),
+            ));
         }
         let _ = stopped.wait_for(|stop| *stop).await;
     });
 }
 
-async fn accept_loop(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    entry: Entry,
+    shared: Arc<Shared>,
+) {
     loop {
         match listener.accept().await {
             Ok((stream, client)) => {
                 shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(crate::http::serve(stream, client, Arc::clone(&shared)));
+                let shared = Arc::clone(&shared);
+                let Some(acceptor) = tls.clone() else {
+                    tokio::spawn(http::serve(Stream::Plain(stream), client, shared, entry));
+                    continue;
+                };
+                tokio::spawn(async move {
+                    let timeout = shared.settings.handshake_timeout;
+                    match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => {
+                            let stream = Stream::Tls(Box::new(stream.into()));
+                            http::serve(stream, client, shared, entry).await;
+                        }
+                        Ok(Err(error)) => {
+                            shared.stats.tls_failures.fetch_add(1, Ordering::Relaxed);
+                            tracing::info!("client {client}: TLS handshake failed: {error}");
+                        }
+                        Err(_) => {
+                            shared.stats.tls_failures.fetch_add(1, Ordering::Relaxed);
+                            tracing::info!(
+                                "client {client}: TLS handshake not done within {timeout:?}"
+                            );
+                        }
+                    }
+                });
             }
             Err(error) => {
                 // Out of descriptors or memory: back off instead of spinning.
@@ -194,4 +270,56 @@ async fn accept_loop(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
             }
         }
     }
+}
+
+/// How often certificate files are looked at for a renewal.
+const CERTIFICATE_CHECK: Duration = Duration::from_secs(2);
+
+/// Reloads listener certificates when their files change and on SIGHUP (which otherwise
+/// would end the process), on a thread of its own. A certificate that fails to load keeps
+/// the old one, and the log says why.
+fn spawn_certificate_reloader(
+    stores: Vec<Arc<CertificateStore>>,
+    mut stopped: watch::Receiver<bool>,
+) -> io::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    // Installed here, before start() returns, so an early SIGHUP is caught too.
+    let mut hangups = runtime.block_on(async {
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+    })?;
+    std::thread::Builder::new()
+        .name("wsplice-reload".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                let mut ticks = tokio::time::interval(CERTIFICATE_CHECK);
+                ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    let forced = tokio::select! {
+                        _ = stopped.wait_for(|stop| *stop) => return,
+                        _ = ticks.tick() => false,
+                        received = hangups.recv() => {
+                            if received.is_none() {
+                                return;
+                            }
+                            tracing::info!("SIGHUP: reloading {} certificate set(s)", stores.len());
+                            true
+                        }
+                    };
+                    for store in &stores {
+                        match store.reload(forced) {
+                            Reload::Unchanged => {}
+                            Reload::Loaded(count) => {
+                                tracing::info!("TLS: {count} certificate(s) reloaded")
+                            }
+                            Reload::Kept(reason) => {
+                                tracing::warn!("TLS: keeping the previous certificates: {reason}")
+                            }
+                        }
+                    }
+                }
+            });
+        })?;
+    Ok(())
 }

@@ -5,8 +5,8 @@
 mod common;
 
 use std::net::{Shutdown, TcpStream};
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -42,111 +42,13 @@ in_both_modes!(
     least_conn_refills_the_member_that_emptied,
 );
 
-/// Small deterministic generator for test plans (seeded, so failures replay).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, bound: u64) -> u64 {
-        if bound == 0 { 0 } else { self.next() % bound }
-    }
-}
-
-/// After every pair has closed: every member's live count is back to zero, no pair is open in
-/// the carrier and, in sockmap mode, every map is empty.
-fn assert_no_state_left(proxy: &ServerHandle) {
-    let counted_out = wait_until(Duration::from_secs(10), || {
-        proxy.shared.router.clusters.iter().all(|cluster| {
-            let balancer = cluster.balancer.lock().unwrap();
-            (0..cluster.members.len()).all(|member| balancer.live(member) == 0)
-        })
-    });
-    assert!(
-        counted_out,
-        "a member still counts live tunnels after every pair closed"
-    );
-    let Some(sockmap) = proxy.shared.dataplane.sockmap() else {
-        return;
-    };
-    let clean = wait_until(Duration::from_secs(10), || {
-        sockmap.stats.pairs_open.load(Ordering::SeqCst) == 0
-            && sockmap.map_entries().unwrap() == (0, 0, 0)
-    });
-    assert!(
-        clean,
-        "state left: {} pairs open, map entries (SOCKS, LINKS, FLOWS) = {:?}",
-        sockmap.stats.pairs_open.load(Ordering::SeqCst),
-        sockmap.map_entries().unwrap()
-    );
-}
-
-/// Runs plans on `parallel` threads and checks both directions of every connection.
 fn run_and_check(
     proxy: &ServerHandle,
     members: &[Member],
     plans: Vec<ClientPlan>,
     parallel: usize,
 ) {
-    let address = proxy.addresses[0];
-    let queue = Arc::new(Mutex::new(plans.clone()));
-    let failures = Arc::new(Mutex::new(Vec::new()));
-    let threads: Vec<_> = (0..parallel)
-        .map(|_| {
-            let (queue, failures) = (Arc::clone(&queue), Arc::clone(&failures));
-            thread::spawn(move || {
-                loop {
-                    let Some(plan) = queue.lock().unwrap().pop() else {
-                        return;
-                    };
-                    let expected_down = if plan.half_close || plan.down_len > 0 {
-                        plan.down_len
-                    } else {
-                        0
-                    };
-                    match run_client(address, &plan) {
-                        Ok(report) if report.received == Ok(expected_down) => {}
-                        Ok(report) => failures.lock().unwrap().push(format!(
-                            "client {}: expected {expected_down} down bytes, got {:?} (head {:?})",
-                            plan.id,
-                            report.received,
-                            report.head.lines().next()
-                        )),
-                        Err(error) => failures
-                            .lock()
-                            .unwrap()
-                            .push(format!("client {}: {error}", plan.id)),
-                    }
-                }
-            })
-        })
-        .collect();
-    for thread in threads {
-        thread.join().unwrap();
-    }
-    let failures = failures.lock().unwrap();
-    assert!(
-        failures.is_empty(),
-        "{} of {} clients failed, first: {:?}",
-        failures.len(),
-        plans.len(),
-        &failures[..failures.len().min(5)]
-    );
-    for plan in &plans {
-        let report = wait_for_report(members, plan.id, Duration::from_secs(20))
-            .unwrap_or_else(|| panic!("member never reported connection {}", plan.id));
-        assert_eq!(
-            report.received,
-            Ok(plan.up_len),
-            "connection {}: {plan:?}",
-            plan.id
-        );
-    }
-    assert_no_state_left(proxy);
+    run_and_check_over(&plain_dial(), proxy, members, plans, parallel);
 }
 
 fn one_gib_each_way_through_one_connection(mode: DataplaneMode) {
@@ -195,32 +97,7 @@ fn sixty_four_concurrent_connections_of_random_sizes(mode: DataplaneMode) {
 fn ten_thousand_close_and_half_close_races(mode: DataplaneMode) {
     let members = start_members(3);
     let proxy = start_proxy(mode, &members, "byrequests", None);
-    let mut rng = Rng(0x10_000);
-    let plans: Vec<ClientPlan> = (0..10_000)
-        .map(|id| {
-            let half_close = rng.below(2) == 0;
-            let up_len = rng.below(256 * 1024 + 1);
-            // A fully closing client reads nothing after the 101 (unread bytes would reset).
-            let down_len = if half_close { rng.below(64 * 1024) } else { 0 };
-            let mut plan = ClientPlan::simple(id, up_len, down_len);
-            plan.half_close = half_close;
-            // When the close lands: with the request, before the 101, or after it.
-            match rng.below(3) {
-                0 => {
-                    plan.up_with_request = up_len;
-                    plan.up_before_101 = true;
-                }
-                1 => {
-                    plan.up_with_request = rng.below(up_len + 1);
-                    plan.up_before_101 = half_close;
-                }
-                _ => plan.pause_before_close = Duration::from_micros(rng.below(2000)),
-            }
-            plan.down_early = rng.below(down_len + 1).min(4096);
-            plan.down_after_eof = rng.below(2) == 0;
-            plan
-        })
-        .collect();
+    let plans = race_plans(0x10_000, 10_000);
     let started = Instant::now();
     run_and_check(&proxy, &members, plans, 32);
     eprintln!("{mode:?}: 10,000 races in {:?}", started.elapsed());

@@ -96,7 +96,8 @@ fn test() -> Result<()> {
         "warnings",
     ]))?;
     run(cargo().args(["test", "--workspace"]))?;
-    // Real sockets and real BPF: one at a time, optimised so gigabytes move in seconds.
+    // Real sockets, real BPF and real TLS: one at a time, optimised so gigabytes move in
+    // seconds.
     run(cargo().args([
         "test",
         "--release",
@@ -104,6 +105,8 @@ fn test() -> Result<()> {
         "wsplice-dataplane",
         "--test",
         "dataplane",
+        "--test",
+        "tls",
         "--",
         "--ignored",
         "--test-threads=1",

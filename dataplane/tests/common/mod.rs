@@ -2,6 +2,8 @@
 //! pattern that lets receivers check every byte without storing what was sent.
 #![allow(dead_code)]
 
+pub mod tls;
+
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -192,8 +194,8 @@ pub fn start_member(index: usize) -> Member {
     member
 }
 
-/// Reads an HTTP head byte-exactly: returns the head and the bytes read past it.
-pub fn read_head(stream: &mut TcpStream) -> io::Result<(String, Vec<u8>)> {
+/// Reads an HTTP head: returns the head and the bytes read past it.
+pub fn read_head(stream: &mut impl Read) -> io::Result<(String, Vec<u8>)> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
@@ -373,6 +375,7 @@ pub fn start_proxy(
             .map(|m| format!("ws://{}", m.address))
             .collect(),
         lbmethod: Some(lbmethod.into()),
+        ..Default::default()
     })
     .unwrap();
     config.server.dataplane = mode;
@@ -465,9 +468,51 @@ pub struct ClientReport {
     pub received: Result<u64, String>,
 }
 
+/// The write half of a client connection: its FIN is a half-close (TLS: close_notify + FIN).
+pub trait WriteHalf: Write + Send {
+    fn shutdown_write(&mut self) -> io::Result<()>;
+}
+
+impl WriteHalf for TcpStream {
+    fn shutdown_write(&mut self) -> io::Result<()> {
+        self.shutdown(Shutdown::Write)
+    }
+}
+
+/// A client connection as two halves used from two threads; dropping both closes it.
+pub struct Connection {
+    pub reader: Box<dyn Read + Send>,
+    pub writer: Box<dyn WriteHalf>,
+}
+
+/// Opens a client connection to the proxy (plain TCP, or TLS in the TLS tests).
+pub type Dial = Arc<dyn Fn(SocketAddr) -> io::Result<Connection> + Send + Sync>;
+
+pub fn plain_dial() -> Dial {
+    Arc::new(|proxy| {
+        let stream = TcpStream::connect(proxy)?;
+        Ok(Connection {
+            reader: Box::new(stream.try_clone()?),
+            writer: Box::new(stream),
+        })
+    })
+}
+
 /// Runs one client connection through the proxy per `plan`.
 pub fn run_client(proxy: SocketAddr, plan: &ClientPlan) -> Result<ClientReport, String> {
-    let mut stream = TcpStream::connect(proxy).map_err(|e| format!("connect: {e}"))?;
+    run_client_over(&plain_dial(), proxy, plan)
+}
+
+/// Runs one client connection per `plan` over what `dial` opens.
+pub fn run_client_over(
+    dial: &Dial,
+    proxy: SocketAddr,
+    plan: &ClientPlan,
+) -> Result<ClientReport, String> {
+    let Connection {
+        mut reader,
+        writer: mut stream,
+    } = dial(proxy).map_err(|e| format!("connect: {e}"))?;
     let mut first = upgrade_request(plan).into_bytes();
     let with_request = plan.up_with_request.min(plan.up_len);
     let start = first.len();
@@ -477,13 +522,13 @@ pub fn run_client(proxy: SocketAddr, plan: &ClientPlan) -> Result<ClientReport, 
         .write_all(&first)
         .map_err(|e| format!("write request: {e}"))?;
     let up = Pattern(plan.up_seed);
-    let send_rest = |stream: &mut TcpStream| -> Result<(), String> {
+    let send_rest = |stream: &mut Box<dyn WriteHalf>| -> Result<(), String> {
         write_pattern(stream, up, with_request, plan.up_len - with_request)
             .map_err(|e| format!("write up: {e}"))?;
         thread::sleep(plan.pause_before_close);
         if plan.half_close {
             stream
-                .shutdown(Shutdown::Write)
+                .shutdown_write()
                 .map_err(|e| format!("shutdown: {e}"))?;
         }
         Ok(())
@@ -491,7 +536,7 @@ pub fn run_client(proxy: SocketAddr, plan: &ClientPlan) -> Result<ClientReport, 
     if plan.up_before_101 {
         send_rest(&mut stream)?;
     }
-    let (head, early) = read_head(&mut stream).map_err(|e| format!("read 101: {e}"))?;
+    let (head, early) = read_head(&mut reader).map_err(|e| format!("read 101: {e}"))?;
     if !head.starts_with("HTTP/1.1 101") {
         return Ok(ClientReport {
             head,
@@ -503,20 +548,17 @@ pub fn run_client(proxy: SocketAddr, plan: &ClientPlan) -> Result<ClientReport, 
         if !plan.up_before_101 {
             send_rest(&mut stream)?;
         }
-        drop(stream);
+        drop((stream, reader));
         return Ok(ClientReport {
             head,
             received: Ok(0),
         });
     }
     let down = Pattern(plan.down_seed);
-    let reader = {
-        let mut input = stream.try_clone().unwrap();
-        thread::spawn(move || {
-            down.check(0, &early, &mut Vec::new())?;
-            read_pattern(&mut input, down, early.len() as u64)
-        })
-    };
+    let reader = thread::spawn(move || {
+        down.check(0, &early, &mut Vec::new())?;
+        read_pattern(&mut reader, down, early.len() as u64)
+    });
     if !plan.up_before_101 {
         send_rest(&mut stream)?;
     }
@@ -598,6 +640,7 @@ pub fn userspace_config(members: Vec<String>) -> wsplice::config::Config {
         listen: "127.0.0.1:0".into(),
         members,
         lbmethod: None,
+        ..Default::default()
     })
     .unwrap();
     config.server.dataplane = DataplaneMode::Userspace;
@@ -644,4 +687,144 @@ pub fn raw_exchange(proxy: SocketAddr, request: &[u8]) -> (String, String) {
     }
     let text = String::from_utf8_lossy(&answer).into_owned();
     (text.lines().next().unwrap_or_default().to_string(), text)
+}
+
+/// After every pair has closed: every member's live count is back to zero, no pair is open in
+/// the carrier and, in sockmap mode, every map is empty.
+pub fn assert_no_state_left(proxy: &ServerHandle) {
+    let counted_out = wait_until(Duration::from_secs(10), || {
+        proxy.shared.router.clusters.iter().all(|cluster| {
+            let balancer = cluster.balancer.lock().unwrap();
+            (0..cluster.members.len()).all(|member| balancer.live(member) == 0)
+        })
+    });
+    assert!(
+        counted_out,
+        "a member still counts live tunnels after every pair closed"
+    );
+    let Some(sockmap) = proxy.shared.dataplane.sockmap() else {
+        return;
+    };
+    let clean = wait_until(Duration::from_secs(10), || {
+        sockmap.stats.pairs_open.load(Ordering::SeqCst) == 0
+            && sockmap.map_entries().unwrap() == (0, 0, 0)
+    });
+    assert!(
+        clean,
+        "state left: {} pairs open, map entries (SOCKS, LINKS, FLOWS) = {:?}",
+        sockmap.stats.pairs_open.load(Ordering::SeqCst),
+        sockmap.map_entries().unwrap()
+    );
+}
+
+/// Runs plans on `parallel` threads over `dial` and checks both directions of every
+/// connection, then that no state is left.
+pub fn run_and_check_over(
+    dial: &Dial,
+    proxy: &ServerHandle,
+    members: &[Member],
+    plans: Vec<ClientPlan>,
+    parallel: usize,
+) {
+    let address = proxy.addresses[0];
+    let queue = Arc::new(Mutex::new(plans.clone()));
+    let failures = Arc::new(Mutex::new(Vec::new()));
+    let threads: Vec<_> = (0..parallel)
+        .map(|_| {
+            let (queue, failures, dial) =
+                (Arc::clone(&queue), Arc::clone(&failures), Arc::clone(dial));
+            thread::spawn(move || {
+                loop {
+                    let Some(plan) = queue.lock().unwrap().pop() else {
+                        return;
+                    };
+                    let expected_down = if plan.half_close || plan.down_len > 0 {
+                        plan.down_len
+                    } else {
+                        0
+                    };
+                    match run_client_over(&dial, address, &plan) {
+                        Ok(report) if report.received == Ok(expected_down) => {}
+                        Ok(report) => failures.lock().unwrap().push(format!(
+                            "client {}: expected {expected_down} down bytes, got {:?} (head {:?})",
+                            plan.id,
+                            report.received,
+                            report.head.lines().next()
+                        )),
+                        Err(error) => failures
+                            .lock()
+                            .unwrap()
+                            .push(format!("client {}: {error}", plan.id)),
+                    }
+                }
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().unwrap();
+    }
+    let failures = failures.lock().unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} of {} clients failed, first: {:?}",
+        failures.len(),
+        plans.len(),
+        &failures[..failures.len().min(5)]
+    );
+    for plan in &plans {
+        let report = wait_for_report(members, plan.id, Duration::from_secs(20))
+            .unwrap_or_else(|| panic!("member never reported connection {}", plan.id));
+        assert_eq!(
+            report.received,
+            Ok(plan.up_len),
+            "connection {}: {plan:?}",
+            plan.id
+        );
+    }
+    assert_no_state_left(proxy);
+}
+
+/// Small deterministic generator for test plans (seeded, so failures replay).
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    pub fn below(&mut self, bound: u64) -> u64 {
+        if bound == 0 { 0 } else { self.next() % bound }
+    }
+}
+
+/// The 10,000 close and half-close races: sizes, close kinds and timings from `seed`.
+pub fn race_plans(seed: u64, count: u64) -> Vec<ClientPlan> {
+    let mut rng = Rng(seed);
+    (0..count)
+        .map(|id| {
+            let half_close = rng.below(2) == 0;
+            let up_len = rng.below(256 * 1024 + 1);
+            // A fully closing client reads nothing after the 101 (unread bytes would reset).
+            let down_len = if half_close { rng.below(64 * 1024) } else { 0 };
+            let mut plan = ClientPlan::simple(id, up_len, down_len);
+            plan.half_close = half_close;
+            // When the close lands: with the request, before the 101, or after it.
+            match rng.below(3) {
+                0 => {
+                    plan.up_with_request = up_len;
+                    plan.up_before_101 = true;
+                }
+                1 => {
+                    plan.up_with_request = rng.below(up_len + 1);
+                    plan.up_before_101 = half_close;
+                }
+                _ => plan.pause_before_close = Duration::from_micros(rng.below(2000)),
+            }
+            plan.down_early = rng.below(down_len + 1).min(4096);
+            plan.down_after_eof = rng.below(2) == 0;
+            plan
+        })
+        .collect()
 }

@@ -1,0 +1,408 @@
+//! The TLS stage: wss:// on listeners (rustls; certificates chosen by SNI and reloaded when
+//! their files change or on SIGHUP, a broken new file keeping the old certificate) and wss://
+//! to members (rustls client verifying against the system roots or a CA file).
+//!
+//! TLS 1.2 and 1.3 only, AEAD suites only (all rustls offers), ALPN http/1.1.
+
+use std::fmt;
+use std::io;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, RwLock};
+use std::task::{Context, Poll};
+use std::time::SystemTime;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::config::{CertificateFiles, ListenerTls, MemberTlsSettings, UnknownSni};
+
+const VERSIONS: &[&rustls::SupportedProtocolVersion] =
+    &[&rustls::version::TLS13, &rustls::version::TLS12];
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Reads a PEM certificate chain (leaf first) and its private key, and checks they belong
+/// together.
+pub fn load_certified_key(files: &CertificateFiles) -> Result<CertifiedKey, String> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
+        .and_then(|certs| certs.collect())
+        .map_err(|error| format!("certificate {}: {error}", files.cert.display()))?;
+    if chain.is_empty() {
+        return Err(format!(
+            "certificate {}: no CERTIFICATE block",
+            files.cert.display()
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_file(&files.key)
+        .map_err(|error| format!("key {}: {error}", files.key.display()))?;
+    let signing_key = provider()
+        .key_provider
+        .load_private_key(key)
+        .map_err(|error| format!("key {}: {error}", files.key.display()))?;
+    let certified = CertifiedKey::new(chain, signing_key);
+    certified.keys_match().map_err(|error| {
+        format!(
+            "key {} does not belong to certificate {}: {error}",
+            files.key.display(),
+            files.cert.display()
+        )
+    })?;
+    Ok(certified)
+}
+
+/// What identifies a file's content without reading it: a renewal (certbot swaps the
+/// symlink's target) changes at least one of these.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Stamp {
+    modified: Option<SystemTime>,
+    length: u64,
+    inode: u64,
+}
+
+fn stamp(path: &Path) -> Option<Stamp> {
+    use std::os::unix::fs::MetadataExt;
+    let metadata = std::fs::metadata(path).ok()?;
+    Some(Stamp {
+        modified: metadata.modified().ok(),
+        length: metadata.len(),
+        inode: metadata.ino(),
+    })
+}
+
+/// A listener's certificates: the first is the default.
+pub struct CertificateStore {
+    files: Vec<CertificateFiles>,
+    unknown_sni: UnknownSni,
+    current: RwLock<Arc<Vec<Arc<CertifiedKey>>>>,
+    /// The files' stamps when last read (loaded or not), so a broken file is reported once.
+    seen: Mutex<Vec<(Option<Stamp>, Option<Stamp>)>>,
+}
+
+impl fmt::Debug for CertificateStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CertificateStore")
+            .field("files", &self.files)
+            .finish()
+    }
+}
+
+impl CertificateStore {
+    pub fn load(tls: &ListenerTls) -> Result<Self, String> {
+        let seen = Self::stamps(&tls.certificates);
+        let keys = tls
+            .certificates
+            .iter()
+            .map(|files| load_certified_key(files).map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(CertificateStore {
+            files: tls.certificates.clone(),
+            unknown_sni: tls.unknown_sni,
+            current: RwLock::new(Arc::new(keys)),
+            seen: Mutex::new(seen),
+        })
+    }
+
+    fn stamps(files: &[CertificateFiles]) -> Vec<(Option<Stamp>, Option<Stamp>)> {
+        files
+            .iter()
+            .map(|f| (stamp(&f.cert), stamp(&f.key)))
+            .collect()
+    }
+
+    /// Reloads every certificate if any file changed since last read (`force`: whatever the
+    /// files say). All or nothing: when one fails, every old certificate stays.
+    pub fn reload(&self, force: bool) -> Reload {
+        let stamps = Self::stamps(&self.files);
+        {
+            let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+            if !force && *seen == stamps {
+                return Reload::Unchanged;
+            }
+            *seen = stamps;
+        }
+        match self
+            .files
+            .iter()
+            .map(|files| load_certified_key(files).map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()
+        {
+            Ok(keys) => {
+                *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(keys);
+                Reload::Loaded(self.files.len())
+            }
+            Err(reason) => Reload::Kept(reason),
+        }
+    }
+
+    fn current(&self) -> Arc<Vec<Arc<CertifiedKey>>> {
+        Arc::clone(&self.current.read().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// What a reload did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Reload {
+    Unchanged,
+    Loaded(usize),
+    /// A file could not be used: the old certificates stay.
+    Kept(String),
+}
+
+/// Whether `key`'s leaf certificate is valid for `name` (SAN DNS names, wildcards included).
+fn serves(key: &CertifiedKey, name: &ServerName<'_>) -> bool {
+    key.end_entity_cert()
+        .ok()
+        .and_then(|leaf| webpki::EndEntityCert::try_from(leaf).ok())
+        .is_some_and(|leaf| leaf.verify_is_valid_for_subject_name(name).is_ok())
+}
+
+impl ResolvesServerCert for CertificateStore {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let keys = self.current();
+        let Some(sni) = hello.server_name() else {
+            // No SNI (clients that dial an IP address): the default certificate.
+            return keys.first().cloned();
+        };
+        if let Ok(name) = ServerName::try_from(sni)
+            && let Some(key) = keys.iter().find(|key| serves(key, &name))
+        {
+            return Some(Arc::clone(key));
+        }
+        match self.unknown_sni {
+            UnknownSni::Default => keys.first().cloned(),
+            UnknownSni::Reject => {
+                tracing::info!("TLS: no certificate for SNI {sni:?}; handshake refused");
+                None
+            }
+        }
+    }
+}
+
+/// A TLS listener's rustls configuration and the certificates behind it.
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    pub config: Arc<ServerConfig>,
+    pub store: Arc<CertificateStore>,
+}
+
+impl ServerTls {
+    pub fn new(tls: &ListenerTls) -> Result<Self, String> {
+        let store = Arc::new(CertificateStore::load(tls)?);
+        let mut config = ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(VERSIONS)
+            .map_err(|error| format!("TLS: {error}"))?
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::clone(&store) as Arc<dyn ResolvesServerCert>);
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(ServerTls {
+            config: Arc::new(config),
+            store,
+        })
+    }
+}
+
+/// Reads every certificate of a CA file into a root store.
+pub fn roots_from_file(path: &Path) -> Result<RootCertStore, String> {
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(path)
+        .map_err(|error| format!("CA file {}: {error}", path.display()))?
+    {
+        let cert = cert.map_err(|error| format!("CA file {}: {error}", path.display()))?;
+        roots
+            .add(cert)
+            .map_err(|error| format!("CA file {}: {error}", path.display()))?;
+    }
+    if roots.is_empty() {
+        return Err(format!("CA file {}: no CERTIFICATE block", path.display()));
+    }
+    Ok(roots)
+}
+
+/// The system's trusted roots (Debian: /etc/ssl/certs); may be empty.
+fn system_roots() -> RootCertStore {
+    let mut roots = RootCertStore::empty();
+    let found = rustls_native_certs::load_native_certs();
+    let (added, _) = roots.add_parsable_certificates(found.certs);
+    if added == 0 {
+        tracing::warn!(
+            "TLS: no system root certificates found ({} errors); wss:// members need tls_ca",
+            found.errors.len()
+        );
+    }
+    roots
+}
+
+/// The rustls client configuration for a cluster's wss:// members.
+pub fn client_config(settings: &MemberTlsSettings) -> Result<Arc<ClientConfig>, String> {
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(VERSIONS)
+        .map_err(|error| format!("TLS: {error}"))?;
+    let mut config = if !settings.verify {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate(provider())))
+            .with_no_client_auth()
+    } else {
+        let roots = match &settings.ca_file {
+            Some(path) => roots_from_file(path)?,
+            None => system_roots(),
+        };
+        builder.with_root_certificates(roots).with_no_client_auth()
+    };
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// `tls_verify = false`: any member certificate is accepted (the handshake's signatures are
+/// still checked, so the session is at least with the holder of that certificate's key).
+#[derive(Debug)]
+struct AcceptAnyCertificate(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for AcceptAnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Whether this kernel offers kernel TLS right now (the `tls` ULP loaded or built in).
+pub fn kernel_tls_listed() -> bool {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_ulp")
+        .is_ok_and(|ulps| ulps.split_whitespace().any(|ulp| ulp == "tls"))
+}
+
+/// The start-up line naming what carries pairs with a TLS leg.
+pub fn carrier_announcement() -> String {
+    let why = if kernel_tls_listed() {
+        "the kernel TLS carrier is not used yet"
+    } else {
+        "this kernel offers no kernel TLS (no \"tls\" in tcp_available_ulp)"
+    };
+    format!("dataplane: pairs with a TLS leg: rustls relay in userspace, because {why}")
+}
+
+/// The name a wss:// member is verified against and sent as SNI: the url's host.
+pub fn member_server_name(host: &str) -> Result<ServerName<'static>, String> {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    ServerName::try_from(host.to_string()).map_err(|error| format!("{host:?}: {error}"))
+}
+
+/// A connection after the TLS stage: plain TCP, or TLS (either side) over TCP.
+#[derive(Debug)]
+pub enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::TlsStream<TcpStream>>),
+}
+
+impl Stream {
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Stream::Tls(_))
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(stream) => Pin::new(stream).poll_read(cx, buf),
+            Stream::Tls(stream) => Pin::new(stream.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(stream) => Pin::new(stream).poll_write(cx, buf),
+            Stream::Tls(stream) => Pin::new(stream.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(stream) => Pin::new(stream).poll_flush(cx),
+            Stream::Tls(stream) => Pin::new(stream.as_mut()).poll_flush(cx),
+        }
+    }
+
+    /// TLS: close_notify, then the TCP FIN (TLS 1.3 and rustls keep reading after it).
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(stream) => Pin::new(stream).poll_shutdown(cx),
+            Stream::Tls(stream) => Pin::new(stream.as_mut()).poll_shutdown(cx),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
+            Stream::Tls(stream) => Pin::new(stream.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Plain(stream) => stream.is_write_vectored(),
+            Stream::Tls(stream) => stream.is_write_vectored(),
+        }
+    }
+}

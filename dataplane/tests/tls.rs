@@ -1,0 +1,472 @@
+//! wss:// on the host: TLS listeners (rustls) in front of ws:// and wss:// members, carried by
+//! the userspace relay (this kernel has no kernel TLS). The quick tests run with `cargo test`;
+//! the heavy integrity tests (ignored) run single-threaded in release from `cargo xtask test`.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::tls::*;
+use common::*;
+use wsplice::config::{self, Config, QuickForm, UnknownSni};
+use wsplice::server::ServerHandle;
+
+static LOGS: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+
+/// Log lines go to LOGS (asserted on) and to the test's stderr.
+struct Capture;
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        LOGS.lock().unwrap().extend_from_slice(buf);
+        std::io::stderr().write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn logged(needle: &str) -> bool {
+    String::from_utf8_lossy(&LOGS.lock().unwrap()).contains(needle)
+}
+
+fn wait_for_log(needle: &str) -> bool {
+    wait_until(Duration::from_secs(10), || logged(needle))
+}
+
+/// A wsplice whose listener serves wss:// with `cert`/`key` in front of `members` (urls).
+fn tls_proxy(
+    members: Vec<String>,
+    cert: &Path,
+    key: &Path,
+    edit: impl FnOnce(&mut Config),
+) -> ServerHandle {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(|| Capture)
+        .with_ansi(false)
+        .try_init();
+    let mut config = config::quick(&QuickForm {
+        listen: "127.0.0.1:0".into(),
+        members,
+        tls_cert: Some(cert.display().to_string()),
+        tls_key: Some(key.display().to_string()),
+        ..Default::default()
+    })
+    .unwrap();
+    config.server.workers = 2;
+    edit(&mut config);
+    wsplice::server::start(config).unwrap()
+}
+
+fn ws_urls(members: &[Member]) -> Vec<String> {
+    members
+        .iter()
+        .map(|m| format!("ws://{}", m.address))
+        .collect()
+}
+
+/// One CA, one certificate for localhost, and a client trusting the CA.
+struct Pki {
+    scratch: Scratch,
+    ca: Ca,
+    cert: std::path::PathBuf,
+    key: std::path::PathBuf,
+}
+
+fn pki() -> Pki {
+    let scratch = Scratch::new();
+    let ca = Ca::new("wsplice test CA");
+    let (cert, key, _) = ca.issue(&scratch, "localhost", &["localhost"]);
+    Pki {
+        scratch,
+        ca,
+        cert,
+        key,
+    }
+}
+
+#[test]
+fn wss_clients_reach_ws_members_with_every_byte() {
+    let pki = pki();
+    let members = start_members(3);
+    let proxy = tls_proxy(ws_urls(&members), &pki.cert, &pki.key, |_| {});
+    let mut rng = Rng(0x7157);
+    let plans: Vec<ClientPlan> = (0..32)
+        .map(|id| {
+            let mut plan = ClientPlan::simple(id, rng.below(1 << 20), rng.below(1 << 20));
+            plan.up_with_request = rng.below(8192);
+            plan.down_early = rng.below(8192);
+            plan.up_before_101 = rng.below(2) == 0;
+            plan
+        })
+        .collect();
+    let dial = tls_dial(client_config(&[&pki.ca]), "localhost");
+    run_and_check_over(&dial, &proxy, &members, plans, 8);
+    let report = wait_for_report(&members, 0, Duration::from_secs(1)).unwrap();
+    assert_eq!(
+        header(&report.request_head, "x-forwarded-proto"),
+        Some("https"),
+        "{}",
+        report.request_head
+    );
+    proxy.stop();
+}
+
+#[test]
+fn sni_picks_the_certificate_and_unknown_names_follow_the_setting() {
+    let scratch = Scratch::new();
+    let ca = Ca::new("wsplice test CA");
+    let (a_cert, a_key, a_der) = ca.issue(&scratch, "a", &["a.test"]);
+    let (b_cert, b_key, b_der) = ca.issue(&scratch, "b", &["b.test", "*.b.test"]);
+    let members = start_members(1);
+    let client = client_config(&[&ca]);
+    for unknown_sni in [UnknownSni::Default, UnknownSni::Reject] {
+        let proxy = tls_proxy(ws_urls(&members), &a_cert, &a_key, |config| {
+            let tls = config.listeners[0].tls.as_mut().unwrap();
+            tls.certificates.push(wsplice::config::CertificateFiles {
+                cert: b_cert.clone(),
+                key: b_key.clone(),
+            });
+            tls.unknown_sni = unknown_sni;
+        });
+        let address = proxy.addresses[0];
+        assert_eq!(connect_tls(address, &client, "a.test").unwrap().leaf, a_der);
+        assert_eq!(connect_tls(address, &client, "b.test").unwrap().leaf, b_der);
+        assert_eq!(
+            connect_tls(address, &client, "chat.b.test").unwrap().leaf,
+            b_der,
+            "a wildcard name"
+        );
+        let unknown = connect_tls(address, &client, "c.test")
+            .err()
+            .expect("no certificate is valid for c.test")
+            .to_string();
+        match unknown_sni {
+            // The default certificate came, and the client found it is not for c.test.
+            UnknownSni::Default => assert!(
+                unknown.contains("not valid for name \"c.test\"") && unknown.contains("a.test"),
+                "{unknown}"
+            ),
+            UnknownSni::Reject => {
+                assert!(unknown.contains("alert"), "{unknown}");
+                assert!(wait_for_log("no certificate for SNI \"c.test\""));
+            }
+        }
+        proxy.stop();
+    }
+}
+
+/// A ClientHello offering only `version` (0x0301 TLS 1.0, 0x0302 TLS 1.1).
+fn old_client_hello(version: u16) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(&version.to_be_bytes());
+    body.extend_from_slice(&[7u8; 32]); // random
+    body.push(0); // no session id
+    body.extend_from_slice(&[0, 4, 0x00, 0x2f, 0x00, 0x35]); // AES-CBC-SHA suites
+    body.extend_from_slice(&[1, 0]); // null compression
+    let mut handshake = vec![1, 0, 0, body.len() as u8];
+    handshake.extend_from_slice(&body);
+    let mut record = vec![0x16, 0x03, 0x01, 0, handshake.len() as u8];
+    record.extend_from_slice(&handshake);
+    record
+}
+
+#[test]
+fn tls_1_0_and_1_1_clients_are_refused() {
+    let pki = pki();
+    let members = start_members(1);
+    let proxy = tls_proxy(ws_urls(&members), &pki.cert, &pki.key, |_| {});
+    for version in [0x0301u16, 0x0302] {
+        let mut stream = TcpStream::connect(proxy.addresses[0]).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        stream.write_all(&old_client_hello(version)).unwrap();
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer);
+        // One fatal alert record (rustls answers handshake_failure) and nothing else.
+        assert_eq!(
+            answer,
+            [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 40],
+            "{version:#06x}: not one fatal alert"
+        );
+    }
+    assert!(wait_for_log("TLS handshake failed: peer is incompatible"));
+    assert_eq!(members[0].accepted.load(Ordering::SeqCst), 0);
+    proxy.stop();
+}
+
+/// A second wsplice serving wss:// with `cert` in front of a plain member: a wss:// member.
+fn wss_member(cert: &Path, key: &Path) -> (ServerHandle, Vec<Member>) {
+    let members = start_members(1);
+    let proxy = tls_proxy(ws_urls(&members), cert, key, |_| {});
+    (proxy, members)
+}
+
+#[test]
+fn wss_members_carry_every_byte() {
+    let pki = pki();
+    let (inner, members) = wss_member(&pki.cert, &pki.key);
+    let ca_file = pki.scratch.path("ca.pem");
+    pki.ca.write_pem(&ca_file);
+    let outer = tls_proxy(
+        vec![format!("wss://localhost:{}", inner.addresses[0].port())],
+        &pki.cert,
+        &pki.key,
+        |config| config.clusters[0].member_tls.ca_file = Some(ca_file.clone()),
+    );
+    let mut rng = Rng(0x55);
+    let plans: Vec<ClientPlan> = (0..16)
+        .map(|id| {
+            let mut plan = ClientPlan::simple(id, rng.below(512 << 10), rng.below(512 << 10));
+            plan.down_early = rng.below(4096);
+            plan
+        })
+        .collect();
+    let dial = tls_dial(client_config(&[&pki.ca]), "localhost");
+    run_and_check_over(&dial, &outer, &members, plans, 4);
+    outer.stop();
+    inner.stop();
+}
+
+#[test]
+fn a_wss_member_with_an_untrusted_certificate_is_a_502() {
+    let pki = pki();
+    let stranger = Ca::new("some other CA");
+    let (cert, key, _) = stranger.issue(&pki.scratch, "stranger", &["localhost"]);
+    let (inner, members) = wss_member(&cert, &key);
+    let ca_file = pki.scratch.path("ca.pem");
+    pki.ca.write_pem(&ca_file);
+    let outer = tls_proxy(
+        vec![format!("wss://localhost:{}", inner.addresses[0].port())],
+        &pki.cert,
+        &pki.key,
+        |config| config.clusters[0].member_tls.ca_file = Some(ca_file.clone()),
+    );
+    let dial = tls_dial(client_config(&[&pki.ca]), "localhost");
+    let report =
+        run_client_over(&dial, outer.addresses[0], &ClientPlan::simple(1, 10, 10)).unwrap();
+    assert!(report.head.starts_with("HTTP/1.1 502"), "{}", report.head);
+    assert!(wait_for_log("TLS: invalid peer certificate"));
+    assert_eq!(members[0].accepted.load(Ordering::SeqCst), 0);
+    outer.stop();
+    inner.stop();
+}
+
+#[test]
+fn a_plain_listener_can_redirect_to_https() {
+    let members = start_members(1);
+    let mut config = userspace_config(ws_urls(&members));
+    config.listeners[0].redirect_to_https = true;
+    let proxy = wsplice::server::start(config).unwrap();
+    let (status, answer) = raw_exchange(
+        proxy.addresses[0],
+        b"GET /chat?room=1 HTTP/1.1\r\nHost: example.com:8080\r\n\r\n",
+    );
+    assert_eq!(status, "HTTP/1.1 301 Moved Permanently", "{answer}");
+    assert_eq!(
+        header(&answer, "location"),
+        Some("https://example.com/chat?room=1")
+    );
+    assert_eq!(members[0].accepted.load(Ordering::SeqCst), 0);
+    proxy.stop();
+}
+
+#[test]
+fn certificates_reload_on_change_and_sighup_without_dropping_connections() {
+    let scratch = Scratch::new();
+    let (old_ca, new_ca) = (Ca::new("old CA"), Ca::new("new CA"));
+    let (old_cert, old_key, old_der) = old_ca.issue(&scratch, "old", &["localhost"]);
+    let (new_cert, new_key, new_der) = new_ca.issue(&scratch, "new", &["localhost"]);
+    let (cert, key) = (scratch.path("live.pem"), scratch.path("live.key"));
+    std::fs::copy(&old_cert, &cert).unwrap();
+    std::fs::copy(&old_key, &key).unwrap();
+    let members = start_members(1);
+    let proxy = tls_proxy(ws_urls(&members), &cert, &key, |_| {});
+    let address = proxy.addresses[0];
+    let client = client_config(&[&old_ca, &new_ca]);
+    let presented = || connect_tls(address, &client, "localhost").unwrap().leaf;
+    assert_eq!(presented(), old_der);
+
+    // Load all along: short connections, each checked both ways.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (done, failed) = (
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(Mutex::new(Vec::new())),
+    );
+    let dial = tls_dial(Arc::clone(&client), "localhost");
+    let loaders: Vec<_> = (0..4u64)
+        .map(|worker| {
+            let (stop, done, failed, dial) = (
+                Arc::clone(&stop),
+                Arc::clone(&done),
+                Arc::clone(&failed),
+                Arc::clone(&dial),
+            );
+            thread::spawn(move || {
+                let mut id = 1_000_000 * (worker + 1);
+                while !stop.load(Ordering::SeqCst) {
+                    id += 1;
+                    match run_client_over(&dial, address, &ClientPlan::simple(id, 20_000, 20_000)) {
+                        Ok(report) if report.received == Ok(20_000) => {
+                            done.fetch_add(1, Ordering::SeqCst);
+                        }
+                        other => failed.lock().unwrap().push(format!("{id}: {other:?}")),
+                    }
+                }
+            })
+        })
+        .collect();
+
+    // certbot's way: new files renamed over the live ones.
+    let (staged_cert, staged_key) = (scratch.path("staged.pem"), scratch.path("staged.key"));
+    std::fs::copy(&new_cert, &staged_cert).unwrap();
+    std::fs::copy(&new_key, &staged_key).unwrap();
+    std::fs::rename(&staged_key, &key).unwrap();
+    std::fs::rename(&staged_cert, &cert).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || presented() == new_der),
+        "the renewed certificate was not picked up"
+    );
+
+    // A broken file keeps the certificate in use, and says why.
+    std::fs::write(&cert, "not a certificate\n").unwrap();
+    assert!(wait_for_log("keeping the previous certificates"));
+    assert_eq!(presented(), new_der);
+
+    // SIGHUP reloads whatever the files hold now.
+    std::fs::copy(&old_cert, &cert).unwrap();
+    std::fs::copy(&old_key, &key).unwrap();
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &std::process::id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(wait_for_log("SIGHUP: reloading"));
+    assert!(wait_until(Duration::from_secs(10), || presented() == old_der));
+
+    stop.store(true, Ordering::SeqCst);
+    for loader in loaders {
+        loader.join().unwrap();
+    }
+    let failed = failed.lock().unwrap();
+    assert!(
+        failed.is_empty(),
+        "{} failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(3)]
+    );
+    assert!(done.load(Ordering::SeqCst) > 10, "too little load ran");
+    proxy.stop();
+}
+
+#[test]
+#[ignore = "heavy: run with `cargo xtask test`"]
+fn wss_one_gib_each_way_through_one_connection() {
+    const GIB: u64 = 1 << 30;
+    let pki = pki();
+    let members = start_members(1);
+    let proxy = tls_proxy(ws_urls(&members), &pki.cert, &pki.key, |_| {});
+    let started = Instant::now();
+    let dial = tls_dial(client_config(&[&pki.ca]), "localhost");
+    run_and_check_over(
+        &dial,
+        &proxy,
+        &members,
+        vec![ClientPlan::simple(1, GIB, GIB)],
+        1,
+    );
+    eprintln!("wss: 1 GiB each way in {:?}", started.elapsed());
+    proxy.stop();
+}
+
+#[test]
+#[ignore = "heavy: run with `cargo xtask test`"]
+fn wss_ten_thousand_close_and_half_close_races() {
+    let pki = pki();
+    let members = start_members(3);
+    let proxy = tls_proxy(ws_urls(&members), &pki.cert, &pki.key, |_| {});
+    let started = Instant::now();
+    let dial = tls_dial(client_config(&[&pki.ca]), "localhost");
+    run_and_check_over(&dial, &proxy, &members, race_plans(0x7105, 10_000), 32);
+    eprintln!("wss: 10,000 races in {:?}", started.elapsed());
+    proxy.stop();
+}
+
+#[test]
+#[ignore = "heavy: run with `cargo xtask test`"]
+fn wss_slow_reader_holds_bounded_memory() {
+    const BOUND: u64 = 4 << 20;
+    let pki = pki();
+    let members = start_members(1);
+    let proxy = tls_proxy(ws_urls(&members), &pki.cert, &pki.key, |config| {
+        config.server.max_buffered_per_direction = BOUND;
+    });
+    let client = connect_tls(proxy.addresses[0], &client_config(&[&pki.ca]), "localhost").unwrap();
+    let Connection {
+        mut reader,
+        mut writer,
+    } = client.connection;
+    let mut plan = ClientPlan::simple(1, u64::MAX, 0);
+    plan.slow_member = Some(Duration::from_secs(4));
+    writer.write_all(upgrade_request(&plan).as_bytes()).unwrap();
+    let (head, _) = read_head(&mut reader).unwrap();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+
+    // The client pushes for 3 s while the member reads 4 KiB every 10 ms; then it half-closes.
+    let base_acked = wsplice::sys::tcp_info(std::os::fd::AsFd::as_fd(&client.socket))
+        .unwrap()
+        .bytes_acked;
+    let pusher = thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut offset = 0u64;
+        while Instant::now() < deadline {
+            Pattern(plan.up_seed).fill(offset, &mut buf);
+            writer.write_all(&buf).unwrap();
+            offset += buf.len() as u64;
+        }
+        writer.shutdown_write().unwrap();
+        offset
+    });
+    // Held by wsplice and its kernel = ciphertext its socket acked (a little more than the
+    // payload) - bytes the member has taken.
+    let mut peak = 0u64;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+        let acked = wsplice::sys::tcp_info(std::os::fd::AsFd::as_fd(&client.socket))
+            .unwrap()
+            .bytes_acked
+            - base_acked;
+        let taken = members[0].taken.load(Ordering::SeqCst);
+        peak = peak.max(acked.saturating_sub(taken));
+    }
+    let pushed = pusher.join().unwrap();
+    eprintln!(
+        "wss: client pushed {pushed} bytes; peak held by wsplice {peak} bytes (bound {BOUND})"
+    );
+    assert!(
+        peak > 0,
+        "nothing was measured as held: the measurement is broken"
+    );
+    assert!(
+        peak < BOUND,
+        "wsplice held {peak} bytes, over the {BOUND}-byte bound"
+    );
+    let report = wait_for_report(&members, 1, Duration::from_secs(30)).unwrap();
+    assert_eq!(report.received, Ok(pushed));
+    let _ = client.socket.shutdown(Shutdown::Both);
+    assert_no_state_left(&proxy);
+    proxy.stop();
+}
