@@ -104,3 +104,60 @@ fn the_example_config_in_the_readme_is_valid() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn the_quick_form_serves_wss_with_the_given_certificate() {
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let cert = write_config("quick.pem", &certified.cert.pem());
+    let key = write_config("quick.key", &certified.key_pair.serialize_pem());
+    let mut child = wsplice()
+        .args([
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--member",
+            "ws://127.0.0.1:1",
+        ])
+        .arg("--tls-cert")
+        .arg(&cert)
+        .arg("--tls-key")
+        .arg(&key)
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stderr.take().unwrap()));
+    let listening = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find(|line| line.contains("listening on"))
+        .unwrap_or_default();
+    child.kill().unwrap();
+    let _ = child.wait();
+    assert!(listening.contains("wss://"), "{listening}");
+
+    // A key that does not belong to the certificate: 64, before serving.
+    let other = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let wrong_key = write_config("other.key", &other.key_pair.serialize_pem());
+    let out = wsplice()
+        .args([
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--member",
+            "ws://127.0.0.1:1",
+        ])
+        .arg("--tls-cert")
+        .arg(&cert)
+        .arg("--tls-key")
+        .arg(&wrong_key)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("command line: --tls-cert/--tls-key: key")
+            && stderr.contains("does not belong"),
+        "{stderr}"
+    );
+}
