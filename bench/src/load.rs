@@ -6,9 +6,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::rustls::pki_types::ServerName;
 
 use crate::ws;
 
@@ -79,15 +81,35 @@ impl Counters {
     }
 }
 
-async fn open(target: SocketAddr) -> io::Result<TcpStream> {
+/// Where the load connects: an address, and TLS (wss://) when a connector is given.
+#[derive(Clone)]
+pub struct Endpoint {
+    pub address: SocketAddr,
+    pub tls: Option<TlsConnector>,
+}
+
+/// A connection to an endpoint: plain TCP or TLS over it.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+pub type Conn = Box<dyn Io>;
+
+async fn open(target: &Endpoint) -> io::Result<Conn> {
     Ok(open_identified(target).await?.0)
 }
 
-/// Opens a WebSocket; returns it and the port of the member that answered.
-async fn open_identified(target: SocketAddr) -> io::Result<(TcpStream, u16)> {
-    let mut stream = TcpStream::connect(target).await?;
+/// Opens a WebSocket (TLS first for wss://); returns it and the port of the member that
+/// answered.
+async fn open_identified(target: &Endpoint) -> io::Result<(Conn, u16)> {
+    let stream = TcpStream::connect(target.address).await?;
     stream.set_nodelay(true)?;
-    let (early, member) = ws::connect(&mut stream, &target.to_string()).await?;
+    let mut stream: Conn = match &target.tls {
+        None => Box::new(stream),
+        Some(connector) => {
+            let name = ServerName::try_from("localhost").map_err(io::Error::other)?;
+            Box::new(connector.connect(name, stream).await?)
+        }
+    };
+    let (early, member) = ws::connect(&mut stream, &target.address.to_string()).await?;
     if !early.is_empty() {
         return Err(io::Error::other("bytes before the first message"));
     }
@@ -99,7 +121,7 @@ async fn open_identified(target: SocketAddr) -> io::Result<(TcpStream, u16)> {
 /// flight, for `duration`. Targets are used round robin (one for a proxy, the members for
 /// direct).
 pub async fn throughput(
-    targets: &[SocketAddr],
+    targets: &[Endpoint],
     connections: usize,
     size: usize,
     window: usize,
@@ -110,10 +132,10 @@ pub async fn throughput(
     let started = Instant::now();
     let mut tasks = Vec::new();
     for index in 0..connections {
-        let target = targets[index % targets.len()];
+        let target = targets[index % targets.len()].clone();
         let counters = Arc::clone(&counters);
         tasks.push(tokio::spawn(async move {
-            if let Err(error) = echo_connection(target, size, window, deadline, &counters).await {
+            if let Err(error) = echo_connection(&target, size, window, deadline, &counters).await {
                 counters.fail(format!("connection {index}: {error}"));
             }
         }));
@@ -125,14 +147,14 @@ pub async fn throughput(
 }
 
 async fn echo_connection(
-    target: SocketAddr,
+    target: &Endpoint,
     size: usize,
     window: usize,
     deadline: Instant,
     counters: &Counters,
 ) -> io::Result<()> {
     let stream = open(target).await?;
-    let (mut reader, mut writer) = stream.into_split();
+    let (mut reader, mut writer) = tokio::io::split(stream);
     let permits = Arc::new(Semaphore::new(window));
     let sent = Arc::new(AtomicU64::new(0));
     let writer_task = {
@@ -192,7 +214,7 @@ async fn echo_connection(
 }
 
 /// Handshakes per second: `concurrency` loops of connect, upgrade, one 16-byte echo, close.
-pub async fn handshakes(targets: &[SocketAddr], concurrency: usize, duration: Duration) -> Outcome {
+pub async fn handshakes(targets: &[Endpoint], concurrency: usize, duration: Duration) -> Outcome {
     let counters = Counters::new();
     let deadline = Instant::now() + duration;
     let started = Instant::now();
@@ -203,7 +225,7 @@ pub async fn handshakes(targets: &[SocketAddr], concurrency: usize, duration: Du
         tasks.push(tokio::spawn(async move {
             let mut round = index;
             while Instant::now() < deadline {
-                let target = targets[round % targets.len()];
+                let target = &targets[round % targets.len()];
                 round += 1;
                 match one_handshake(target).await {
                     Ok(()) => {
@@ -220,7 +242,7 @@ pub async fn handshakes(targets: &[SocketAddr], concurrency: usize, duration: Du
     counters.outcome(started.elapsed())
 }
 
-async fn one_handshake(target: SocketAddr) -> io::Result<()> {
+async fn one_handshake(target: &Endpoint) -> io::Result<()> {
     let mut stream = open(target).await?;
     let message = ws::frame(16, 7);
     stream.write_all(&message).await?;
@@ -236,18 +258,18 @@ async fn one_handshake(target: SocketAddr) -> io::Result<()> {
 
 /// Opens up to `count` WebSockets (`concurrency` handshakes at a time) and keeps them open.
 pub async fn open_many(
-    targets: &[SocketAddr],
+    targets: &[Endpoint],
     count: usize,
     concurrency: usize,
-) -> (Vec<TcpStream>, u64, Option<String>) {
+) -> (Vec<Conn>, u64, Option<String>) {
     let permits = Arc::new(Semaphore::new(concurrency));
     let mut tasks = Vec::with_capacity(count);
     for index in 0..count {
-        let target = targets[index % targets.len()];
+        let target = targets[index % targets.len()].clone();
         let permits = Arc::clone(&permits);
         tasks.push(tokio::spawn(async move {
             let _permit = permits.acquire_owned().await.map_err(io::Error::other)?;
-            tokio::time::timeout(Duration::from_secs(3), open(target))
+            tokio::time::timeout(Duration::from_secs(3), open(&target))
                 .await
                 .map_err(|_| io::Error::other("upgrade timed out"))?
         }));
@@ -267,7 +289,7 @@ pub async fn open_many(
 }
 
 /// Sends one message on every held WebSocket and checks each echo; returns how many answered.
-pub async fn echo_all(streams: Vec<TcpStream>, concurrency: usize) -> u64 {
+pub async fn echo_all(streams: Vec<Conn>, concurrency: usize) -> u64 {
     let permits = Arc::new(Semaphore::new(concurrency));
     let answered = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::with_capacity(streams.len());
@@ -301,7 +323,7 @@ pub async fn echo_all(streams: Vec<TcpStream>, concurrency: usize) -> u64 {
 /// Each time runs from just before the message is written to when its echo has been read
 /// and checked; returns the outcome and every time in microseconds.
 pub async fn latency(
-    targets: &[SocketAddr],
+    targets: &[Endpoint],
     connections: usize,
     period: Duration,
     size: usize,
@@ -313,11 +335,11 @@ pub async fn latency(
     let times = Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut tasks = Vec::new();
     for index in 0..connections {
-        let target = targets[index % targets.len()];
+        let target = targets[index % targets.len()].clone();
         let (counters, times) = (Arc::clone(&counters), Arc::clone(&times));
         let offset = period * index as u32 / connections as u32;
         tasks.push(tokio::spawn(async move {
-            match timed_connection(target, period, offset, size, deadline, &counters).await {
+            match timed_connection(&target, period, offset, size, deadline, &counters).await {
                 Ok(mine) => times.lock().unwrap().extend(mine),
                 Err(error) => counters.fail(format!("connection {index}: {error}")),
             }
@@ -331,7 +353,7 @@ pub async fn latency(
 }
 
 async fn timed_connection(
-    target: SocketAddr,
+    target: &Endpoint,
     period: Duration,
     offset: Duration,
     size: usize,
@@ -339,7 +361,7 @@ async fn timed_connection(
     counters: &Counters,
 ) -> io::Result<Vec<u32>> {
     let stream = open(target).await?;
-    let (mut reader, mut writer) = stream.into_split();
+    let (mut reader, mut writer) = tokio::io::split(stream);
     let (sent_at, mut echoes_due) = tokio::sync::mpsc::unbounded_channel::<Instant>();
     let writer_task = tokio::spawn(async move {
         let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + offset, period);
@@ -385,7 +407,7 @@ async fn timed_connection(
 
 /// Which member each of `count` WebSockets opened one after another reached (as ports), the
 /// sockets kept open.
-pub async fn open_in_order(target: SocketAddr, count: usize) -> io::Result<Vec<(TcpStream, u16)>> {
+pub async fn open_in_order(target: &Endpoint, count: usize) -> io::Result<Vec<(Conn, u16)>> {
     let mut opened = Vec::with_capacity(count);
     for _ in 0..count {
         let (stream, member) =
@@ -398,7 +420,7 @@ pub async fn open_in_order(target: SocketAddr, count: usize) -> io::Result<Vec<(
 }
 
 /// Closes a WebSocket cleanly: half-close, then wait for the other side's close.
-pub async fn close(mut stream: TcpStream) {
+pub async fn close(mut stream: Conn) {
     let _ = stream.shutdown().await;
     let mut rest = [0u8; 64];
     let _ = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut rest)).await;

@@ -9,6 +9,7 @@ mod ws;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -144,8 +145,90 @@ fn balance_directive(name: &str, method: Method) -> &'static str {
     }
 }
 
-fn fill_template(name: &str, method: Method, dir: &Path, topology: Topology) -> Result<PathBuf> {
+/// wss://: one self-signed ECDSA P-256 certificate for every target, and a client that offers
+/// only TLS 1.3 with AES-128-GCM and never resumes, so each target does the same full
+/// handshake and the same cipher.
+struct BenchTls {
+    cert: PathBuf,
+    key: PathBuf,
+    /// Certificate and key in one file (HAProxy's `crt`).
+    combined: PathBuf,
+    connector: tokio_rustls::TlsConnector,
+}
+
+impl BenchTls {
+    fn new(dir: &Path) -> Result<Self> {
+        use tokio_rustls::rustls;
+        std::fs::create_dir_all(dir)?;
+        let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_string()])?;
+        let (cert_pem, key_pem) = (certified.cert.pem(), certified.key_pair.serialize_pem());
+        let (cert, key, combined) = (
+            dir.join("bench.pem"),
+            dir.join("bench.key"),
+            dir.join("bench-combined.pem"),
+        );
+        std::fs::write(&cert, &cert_pem)?;
+        std::fs::write(&key, &key_pem)?;
+        std::fs::write(&combined, format!("{cert_pem}{key_pem}"))?;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(certified.cert.der().clone())?;
+        let mut provider = rustls::crypto::ring::default_provider();
+        provider.cipher_suites = vec![rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256];
+        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        config.resumption = rustls::client::Resumption::disabled();
+        Ok(BenchTls {
+            cert,
+            key,
+            combined,
+            connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+        })
+    }
+}
+
+/// The `{{TLS}}`/`{{TLS_FILES}}` lines of a peer's config: empty for ws://.
+fn tls_directives(name: &str, tls: Option<&BenchTls>) -> (String, String) {
+    let Some(tls) = tls else {
+        return (String::new(), String::new());
+    };
+    match name {
+        "haproxy.cfg" => (
+            format!(" ssl crt {} alpn http/1.1", tls.combined.display()),
+            String::new(),
+        ),
+        "nginx.conf" => (
+            " ssl".into(),
+            format!(
+                "ssl_certificate {}; ssl_certificate_key {}; ssl_protocols TLSv1.2 TLSv1.3;",
+                tls.cert.display(),
+                tls.key.display()
+            ),
+        ),
+        _ => (
+            format!(
+                "LoadModule ssl_module /usr/lib/apache2/modules/mod_ssl.so\n\
+                 SSLEngine on\nSSLProtocol -all +TLSv1.2 +TLSv1.3\n\
+                 SSLCertificateFile {}\nSSLCertificateKeyFile {}",
+                tls.cert.display(),
+                tls.key.display()
+            ),
+            String::new(),
+        ),
+    }
+}
+
+fn fill_template(
+    name: &str,
+    method: Method,
+    tls: Option<&BenchTls>,
+    dir: &Path,
+    topology: Topology,
+) -> Result<PathBuf> {
     let text = std::fs::read_to_string(root().join("bench/peers").join(name))?;
+    let (tls_line, tls_files) = tls_directives(name, tls);
     let text = text
         .replace("{{LISTEN}}", &topology.listen.to_string())
         .replace("{{MEMBERS}}", &topology.members.to_string())
@@ -154,7 +237,9 @@ fn fill_template(name: &str, method: Method, dir: &Path, topology: Topology) -> 
         .replace("{{M2}}", &MEMBER_PORTS[1].to_string())
         .replace("{{M3}}", &MEMBER_PORTS[2].to_string())
         .replace("{{DIR}}", &dir.display().to_string())
-        .replace("{{BALANCE}}", balance_directive(name, method));
+        .replace("{{BALANCE}}", balance_directive(name, method))
+        .replace("{{TLS_FILES}}", &tls_files)
+        .replace("{{TLS}}", &tls_line);
     let path = dir.join(name);
     std::fs::write(&path, text)?;
     Ok(path)
@@ -164,6 +249,7 @@ fn fill_template(name: &str, method: Method, dir: &Path, topology: Topology) -> 
 fn start_target(
     target: Target,
     method: Method,
+    tls: Option<&BenchTls>,
     dir: &Path,
     topology: Topology,
 ) -> Result<Option<Running>> {
@@ -212,13 +298,20 @@ fn start_target(
             for member in &members {
                 command.args(["--member", member]);
             }
+            if let Some(tls) = tls {
+                command
+                    .arg("--tls-cert")
+                    .arg(&tls.cert)
+                    .arg("--tls-key")
+                    .arg(&tls.key);
+            }
         }
         Target::Haproxy => {
-            let config = fill_template("haproxy.cfg", method, dir, topology)?;
+            let config = fill_template("haproxy.cfg", method, tls, dir, topology)?;
             command.args(["haproxy", "-db", "-f"]).arg(config);
         }
         Target::Nginx => {
-            let config = fill_template("nginx.conf", method, dir, topology)?;
+            let config = fill_template("nginx.conf", method, tls, dir, topology)?;
             command
                 .args(["nginx", "-p"])
                 .arg(dir)
@@ -227,7 +320,7 @@ fn start_target(
                 .args(["-g", "daemon off;"]);
         }
         Target::Apache => {
-            let config = fill_template("apache2.conf", method, dir, topology)?;
+            let config = fill_template("apache2.conf", method, tls, dir, topology)?;
             command.args(["apache2", "-DFOREGROUND", "-f"]).arg(config);
         }
     }
@@ -460,7 +553,7 @@ fn percentile(times: &[u32], fraction: f64) -> f64 {
 /// sample and returns the load's outcome.
 async fn run_scenario(
     scenario: Scenario,
-    targets: &[SocketAddr],
+    targets: &[load::Endpoint],
     pgid: Option<u32>,
     duration: Duration,
     sample: &mut Sample,
@@ -516,7 +609,7 @@ async fn run_scenario(
         }
         Scenario::Balance { method } => {
             let started = Instant::now();
-            let result = balance(targets[0], method, sample).await;
+            let result = balance(&targets[0], method, sample).await;
             load::Outcome {
                 completed: 1,
                 failures: u64::from(result.is_err()),
@@ -545,7 +638,11 @@ fn shown_split(counts: [usize; 3]) -> String {
 /// Round robin: how far the split of sequentially opened connections is from even. Least
 /// connections: after the first member's connections close, how many new ones go to it (all
 /// of them should, until it holds as many as the others).
-async fn balance(target: SocketAddr, method: Method, sample: &mut Sample) -> std::io::Result<()> {
+async fn balance(
+    target: &load::Endpoint,
+    method: Method,
+    sample: &mut Sample,
+) -> std::io::Result<()> {
     let opened = load::open_in_order(target, BALANCE_FIRST).await?;
     let first = count_per_member(opened.iter().map(|(_, m)| *m));
     let even = BALANCE_FIRST as f64 / 3.0;
@@ -583,7 +680,7 @@ async fn balance(target: SocketAddr, method: Method, sample: &mut Sample) -> std
 }
 
 /// The table row for one target and scenario from its runs.
-fn summarize(scenario: Scenario, target: Target, samples: Vec<Sample>) -> Row {
+fn summarize(scenario: Scenario, name: &str, target: Target, samples: Vec<Sample>) -> Row {
     let mut values: Vec<f64> = samples.iter().map(|s| s.value).collect();
     let median_of = |figure: &dyn Fn(&Sample) -> f64| {
         let mut figures: Vec<f64> = samples.iter().map(figure).collect();
@@ -650,7 +747,7 @@ fn summarize(scenario: Scenario, target: Target, samples: Vec<Sample>) -> Row {
         }
     };
     Row {
-        scenario: scenario.name(),
+        scenario: name.into(),
         target: target.name().into(),
         unit: scenario.unit().into(),
         median: median(&mut values),
@@ -691,6 +788,16 @@ fn main() -> Result<()> {
         }
         anyhow::Ok(())
     })?;
+    // (scenario, over wss://): every scenario over ws://, and the ones TLS changes over wss://.
+    let wss_scenarios = [
+        Scenario::Throughput { size: 64 * 1024 },
+        Scenario::Latency {
+            size: 1024,
+            rate: 1_000,
+        },
+        Scenario::Handshakes,
+        Scenario::Idle { connections: 7500 },
+    ];
     let scenarios = [
         Scenario::Throughput { size: 64 * 1024 },
         Scenario::Throughput { size: 4 * 1024 },
@@ -719,14 +826,26 @@ fn main() -> Result<()> {
             .is_none_or(|f| name.to_lowercase().contains(&f.to_lowercase()))
     };
     let work_dir = std::env::temp_dir().join(format!("wsplice-bench-{}", std::process::id()));
+    let bench_tls = BenchTls::new(&work_dir.join("tls"))?;
+    let cases = scenarios
+        .into_iter()
+        .map(|scenario| (scenario, false))
+        .chain(wss_scenarios.into_iter().map(|scenario| (scenario, true)));
     let mut rows = Vec::new();
-    for scenario in scenarios {
-        if !matches(&only_scenario, &scenario.name()) {
+    for (scenario, wss) in cases {
+        let name = if wss {
+            format!("wss:// {}", scenario.name())
+        } else {
+            scenario.name()
+        };
+        if !matches(&only_scenario, &name) {
             continue;
         }
+        let tls = wss.then_some(&bench_tls);
         for target in Target::ALL {
+            // Balancing needs a balancer; the members speak ws:// only.
             let balancing = matches!(scenario, Scenario::Balance { .. });
-            if !matches(&only, target.name()) || (balancing && target == Target::Direct) {
+            if !matches(&only, target.name()) || ((balancing || wss) && target == Target::Direct) {
                 continue;
             }
             let mut samples = Vec::new();
@@ -734,13 +853,20 @@ fn main() -> Result<()> {
                 // A fresh proxy per run: nothing carried over between measurements.
                 let dir = work_dir.join(format!("{:?}", target).to_lowercase());
                 std::fs::create_dir_all(&dir)?;
-                let running = start_target(target, scenario.method(), &dir, topology)?;
+                let running = start_target(target, scenario.method(), tls, &dir, topology)?;
                 let pgid = running.as_ref().map(|r| r.child.id());
-                let targets = if target == Target::Direct {
+                let addresses = if target == Target::Direct {
                     member_addresses.clone()
                 } else {
                     vec![SocketAddr::from((topology.listen, PROXY_PORT))]
                 };
+                let targets: Vec<load::Endpoint> = addresses
+                    .into_iter()
+                    .map(|address| load::Endpoint {
+                        address,
+                        tls: tls.map(|tls| tls.connector.clone()),
+                    })
+                    .collect();
                 let proxy_before = pgid.map_or(0, group_ticks);
                 let machine_before = machine_busy_ticks();
                 let mut sample = Sample::default();
@@ -760,7 +886,7 @@ fn main() -> Result<()> {
                     eprintln!(
                         "{} / {}: {} failures, first: {why}",
                         target.name(),
-                        scenario.name(),
+                        name,
                         outcome.failures
                     );
                 }
@@ -783,7 +909,7 @@ fn main() -> Result<()> {
                 eprintln!(
                     "{:<20} {:<70} {:>10.0} {}  proxy CPU {:.2} s, machine CPU {:.2} s, failures {}",
                     target.name(),
-                    scenario.name(),
+                    name,
                     sample.value,
                     sample.split,
                     sample.proxy_cpu_seconds,
@@ -792,7 +918,7 @@ fn main() -> Result<()> {
                 );
                 samples.push(sample);
             }
-            rows.push(summarize(scenario, target, samples));
+            rows.push(summarize(scenario, &name, target, samples));
         }
     }
     if topology.netns.is_some() {

@@ -3,14 +3,13 @@
 
 use std::io;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
 
 /// Reads an HTTP head; returns it and the bytes read past it.
-pub async fn read_head(stream: &mut TcpStream) -> io::Result<(String, Vec<u8>)> {
+pub async fn read_head(stream: &mut (impl AsyncRead + Unpin)) -> io::Result<(String, Vec<u8>)> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 2048];
     loop {
@@ -37,7 +36,10 @@ const MEMBER_HEADER: &str = "x-echo-member";
 
 /// The client's opening handshake; returns bytes that came after the 101 and the port of the
 /// member that answered.
-pub async fn connect(stream: &mut TcpStream, host: &str) -> io::Result<(Vec<u8>, Option<u16>)> {
+pub async fn connect(
+    stream: &mut (impl AsyncRead + AsyncWrite + Unpin),
+    host: &str,
+) -> io::Result<(Vec<u8>, Option<u16>)> {
     let request = format!(
         "GET /ws HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
@@ -62,7 +64,10 @@ pub async fn connect(stream: &mut TcpStream, host: &str) -> io::Result<(Vec<u8>,
 
 /// The server's side: answers the upgrade, naming itself by `port`; returns bytes that came
 /// after the request.
-pub async fn accept(stream: &mut TcpStream, port: u16) -> io::Result<Vec<u8>> {
+pub async fn accept(
+    stream: &mut (impl AsyncRead + AsyncWrite + Unpin),
+    port: u16,
+) -> io::Result<Vec<u8>> {
     let (head, rest) = read_head(stream).await?;
     let key = head
         .lines()
