@@ -262,16 +262,30 @@ pub async fn open_many(
     count: usize,
     concurrency: usize,
 ) -> (Vec<Conn>, u64, Option<String>) {
+    // A target that stops taking connections (Apache at its thread count) would make every
+    // remaining open wait out its timeout: after this many failures the rest are not tried.
+    const GIVE_UP_AFTER: u64 = 400;
     let permits = Arc::new(Semaphore::new(concurrency));
+    let failed = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::with_capacity(count);
     for index in 0..count {
         let target = targets[index % targets.len()].clone();
-        let permits = Arc::clone(&permits);
+        let (permits, failed) = (Arc::clone(&permits), Arc::clone(&failed));
         tasks.push(tokio::spawn(async move {
             let _permit = permits.acquire_owned().await.map_err(io::Error::other)?;
-            tokio::time::timeout(Duration::from_secs(3), open(&target))
+            if failed.load(Ordering::Relaxed) >= GIVE_UP_AFTER {
+                return Err(io::Error::other(
+                    "not tried: the target refused the ones before",
+                ));
+            }
+            let opened = tokio::time::timeout(Duration::from_secs(3), open(&target))
                 .await
-                .map_err(|_| io::Error::other("upgrade timed out"))?
+                .map_err(|_| io::Error::other("upgrade timed out"))
+                .and_then(|opened| opened);
+            if opened.is_err() {
+                failed.fetch_add(1, Ordering::Relaxed);
+            }
+            opened
         }));
     }
     let mut streams = Vec::with_capacity(count);

@@ -983,8 +983,14 @@ fn write_results(
                 .map(|c| format!(" {} |", c.name))
                 .collect();
             let rule = "---|".repeat(row.columns.len() + 2);
+            let note = if scenario.contains("idle") {
+                "RSS per connection: growth of the proxy's resident memory from holding half of \
+                 the connections to holding all of them, per connection added.\n\n"
+            } else {
+                ""
+            };
             markdown.push_str(&format!(
-                "\n## {scenario}\n\n| target | {} (median, min-max) |{names}\n|{rule}\n",
+                "\n## {scenario}\n\n{note}| target | {} (median, min-max) |{names}\n|{rule}\n",
                 row.unit
             ));
         }
