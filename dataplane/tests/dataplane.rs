@@ -291,3 +291,35 @@ fn least_conn_refills_the_member_that_emptied(mode: DataplaneMode) {
     assert_no_state_left(&proxy);
     proxy.stop();
 }
+
+#[test]
+#[ignore = "needs root and BPF: run with `cargo xtask test`"]
+fn auto_mode_offloads_only_on_proven_kernels() {
+    let members = start_members(1);
+    let mut config = userspace_config(vec![format!("ws://{}", members[0].address)]);
+    config.server.dataplane = DataplaneMode::Auto;
+    let proxy = wsplice::server::start(config).unwrap();
+    let proven = wsplice::offload::kernel_release() >= wsplice::offload::OLDEST_TESTED_KERNEL;
+    let announcement = &proxy.shared.dataplane.announcement;
+    if proven {
+        assert_eq!(
+            proxy.shared.dataplane.carrier(),
+            wsplice::dataplane::Carrier::Sockmap,
+            "{announcement}"
+        );
+    } else {
+        assert_eq!(
+            proxy.shared.dataplane.carrier(),
+            wsplice::dataplane::Carrier::Userspace,
+            "{announcement}"
+        );
+        assert!(announcement.contains("older than 6.18"), "{announcement}");
+    }
+    run_and_check(
+        &proxy,
+        &members,
+        vec![ClientPlan::simple(1, 1 << 20, 1 << 20)],
+        1,
+    );
+    proxy.stop();
+}

@@ -1,0 +1,273 @@
+//! Tests in a QEMU VM booting Debian's stock kernel (linux-image-amd64), for what this host's
+//! kernel cannot show: kernel TLS, and the data plane on another kernel version.
+//!
+//! The VM gets a tiny initramfs (static busybox and the modules for virtio, 9p and overlayfs)
+//! whose init mounts the host's `/` read-only over virtio-9p with a tmpfs overlay on top and
+//! chroots into it, so binaries built on the host run inside as they are. The script to run is
+//! named on the kernel command line; its exit code comes back as a marker line on the serial
+//! console.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::{run, workspace_root};
+
+const MARKER: &str = "WSPLICE-VM-EXIT=";
+
+/// Debian packages the VM needs, by the file that shows each is there.
+const PACKAGES: [(&str, &str); 4] = [
+    ("/usr/bin/qemu-system-x86_64", "qemu-system-x86"),
+    ("/bin/busybox", "busybox-static"),
+    ("/usr/share/doc/linux-image-amd64", "linux-image-amd64"),
+    ("/usr/bin/cpio", "cpio"),
+];
+
+/// Modules the initramfs loads, in this order (with what each depends on, first).
+const MODULES: [&str; 6] = [
+    "virtio_pci",
+    "virtio_console",
+    "9pnet_virtio",
+    "9p",
+    "overlay",
+    "tls",
+];
+
+pub fn ensure_packages() -> Result<()> {
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .filter(|(file, _)| !Path::new(file).exists())
+        .map(|(_, package)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing {} for the VM tests", missing.join(" "));
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+/// The newest installed Debian kernel: its version and image.
+fn kernel() -> Result<(String, PathBuf)> {
+    let mut versions: Vec<String> = std::fs::read_dir("/boot")
+        .context("/boot")?
+        .filter_map(|entry| entry.ok())
+        .filter_map(|entry| {
+            let name = entry.file_name().into_string().ok()?;
+            let version = name.strip_prefix("vmlinuz-")?.to_string();
+            Path::new("/lib/modules")
+                .join(&version)
+                .exists()
+                .then_some(version)
+        })
+        .collect();
+    versions.sort();
+    let version = versions
+        .pop()
+        .context("no /boot/vmlinuz-* with its /lib/modules (is linux-image-amd64 installed?)")?;
+    let image = PathBuf::from(format!("/boot/vmlinuz-{version}"));
+    Ok((version, image))
+}
+
+/// `insmod` lines for `module` and what it needs, from modprobe's own dependency list.
+fn module_files(version: &str, module: &str) -> Result<Vec<PathBuf>> {
+    let out = Command::new("modprobe")
+        .args(["-S", version, "--show-depends", module])
+        .output()
+        .context("modprobe")?;
+    if !out.status.success() {
+        bail!(
+            "modprobe --show-depends {module}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| line.strip_prefix("insmod "))
+        .map(|rest| PathBuf::from(rest.split_whitespace().next().unwrap_or_default()))
+        .collect())
+}
+
+const INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+for module in $(cat /modules.order); do insmod "$module" 2>/dev/null; done
+mkdir -p /host /rw /newroot
+mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144 hostroot /host || echo "9p mount failed"
+mount -t tmpfs tmpfs /rw
+mkdir -p /rw/upper /rw/work
+mount -t overlay overlay -o lowerdir=/host,upperdir=/rw/upper,workdir=/rw/work /newroot
+mount -t proc proc /newroot/proc
+mount -t sysfs sys /newroot/sys
+mount -t devtmpfs dev /newroot/dev
+mount -t tmpfs tmpfs /newroot/tmp
+mount -t bpf bpf /newroot/sys/fs/bpf 2>/dev/null
+# Modules the kernel asks for (gcm(aes) for kernel TLS) come from the host's tree.
+printf '#!/bin/sh\nexec chroot /newroot /sbin/modprobe "$@"\n' > /modprobe-helper
+chmod +x /modprobe-helper
+echo /modprobe-helper > /proc/sys/kernel/modprobe
+ip link set lo up
+script=$(sed -n 's/.*wsplice\.script=\([^ ]*\).*/\1/p' /proc/cmdline)
+echo "wsplice-vm: kernel $(uname -r), running $script"
+chroot /newroot /bin/sh -c "ulimit -n 65536; exec /bin/sh $script"
+echo "WSPLICE-VM-EXIT=$?"
+poweroff -f
+"#;
+
+/// Builds (once per kernel version) the initramfs; returns its path.
+fn initramfs(version: &str) -> Result<PathBuf> {
+    let dir = workspace_root().join("target/vm");
+    let image = dir.join(format!("initramfs-{version}.cpio.gz"));
+    if image.exists() {
+        return Ok(image);
+    }
+    let root = dir.join(format!("initramfs-{version}"));
+    let _ = std::fs::remove_dir_all(&root);
+    for sub in ["bin", "proc", "sys", "dev", "modules"] {
+        std::fs::create_dir_all(root.join(sub))?;
+    }
+    std::fs::copy("/bin/busybox", root.join("bin/busybox"))?;
+    let mut order = String::new();
+    let mut seen = std::collections::HashSet::new();
+    for module in MODULES {
+        for file in module_files(version, module)? {
+            if !seen.insert(file.clone()) {
+                continue;
+            }
+            let name = file.file_name().context("module path")?;
+            let target = root.join("modules").join(name);
+            // Compressed modules are unpacked: busybox's insmod takes plain ELF.
+            let text = file.to_string_lossy();
+            let plain_name = if let Some(stem) = text.strip_suffix(".xz") {
+                let out = Command::new("xz").args(["-dc"]).arg(&file).output()?;
+                let plain = root
+                    .join("modules")
+                    .join(Path::new(stem).file_name().context("module name")?);
+                std::fs::write(&plain, out.stdout)?;
+                plain
+            } else if let Some(stem) = text.strip_suffix(".zst") {
+                let out = Command::new("zstd").args(["-dc"]).arg(&file).output()?;
+                let plain = root
+                    .join("modules")
+                    .join(Path::new(stem).file_name().context("module name")?);
+                std::fs::write(&plain, out.stdout)?;
+                plain
+            } else {
+                std::fs::copy(&file, &target)?;
+                target
+            };
+            let name = plain_name.file_name().context("module name")?;
+            order.push_str(&format!("/modules/{}\n", name.to_string_lossy()));
+        }
+    }
+    std::fs::write(root.join("modules.order"), order)?;
+    let init = root.join("init");
+    std::fs::write(&init, INIT)?;
+    std::fs::set_permissions(&init, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    let partial = image.with_extension("partial");
+    run(Command::new("sh").arg("-c").arg(format!(
+        "cd '{}' && find . | cpio -o -H newc --quiet | gzip -1 > '{}'",
+        root.display(),
+        partial.display()
+    )))?;
+    std::fs::rename(&partial, &image)?;
+    Ok(image)
+}
+
+/// KVM only where the CPU shows hardware virtualisation: a paravirtual /dev/kvm hangs a
+/// stock kernel.
+fn accelerator() -> &'static str {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let hardware = cpuinfo
+        .lines()
+        .filter(|line| line.starts_with("flags"))
+        .any(|line| line.split_whitespace().any(|f| f == "vmx" || f == "svm"));
+    if hardware && Path::new("/dev/kvm").exists() {
+        "kvm"
+    } else {
+        "tcg"
+    }
+}
+
+/// Boots the VM, runs `script` (a shell script on the host's file system) inside it, and
+/// returns its exit code. The console is copied to stderr as it comes.
+pub fn run_script(script: &Path, limit: Duration) -> Result<i32> {
+    let (version, image) = kernel()?;
+    let initrd = initramfs(&version)?;
+    let accel = accelerator();
+    eprintln!(
+        "xtask: VM: kernel {version}, {accel}, running {}",
+        script.display()
+    );
+    let mut qemu = Command::new("qemu-system-x86_64")
+        .args(["-nographic", "-no-reboot", "-m", "3072", "-smp", "2"])
+        .args(["-accel", accel])
+        .args(["-cpu", if accel == "kvm" { "host" } else { "max" }])
+        .arg("-kernel")
+        .arg(&image)
+        .arg("-initrd")
+        .arg(&initrd)
+        .arg("-append")
+        .arg(format!(
+            "console=ttyS0 panic=-1 quiet loglevel=3 wsplice.script={}",
+            script.display()
+        ))
+        .args([
+            "-virtfs",
+            "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
+        ])
+        .args(["-net", "none"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("cannot start qemu-system-x86_64")?;
+    let stdout = qemu.stdout.take().context("qemu's console")?;
+    let (lines, received) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(stdout);
+        let mut raw = Vec::new();
+        loop {
+            raw.clear();
+            match reader.read_until(b'\n', &mut raw) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {
+                    let line = String::from_utf8_lossy(&raw).trim_end().to_string();
+                    if lines.send(line).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    let deadline = Instant::now() + limit;
+    let mut code = None;
+    while Instant::now() < deadline {
+        match received.recv_timeout(Duration::from_millis(200)) {
+            Ok(line) => {
+                eprintln!("vm| {line}");
+                if let Some(rest) = line.trim().strip_prefix(MARKER) {
+                    code = rest.trim().parse().ok();
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+        if qemu.try_wait()?.is_some() && code.is_some() {
+            break;
+        }
+    }
+    let _ = qemu.kill();
+    let _ = qemu.wait();
+    code.with_context(|| {
+        format!("the VM gave no exit marker within {limit:?} (see the console lines above)")
+    })
+}
