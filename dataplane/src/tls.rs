@@ -313,6 +313,41 @@ impl ServerCertVerifier for AcceptAnyCertificate {
     }
 }
 
+/// Kernel TLS parameters for one direction from rustls's extracted secrets: AES-GCM's 12-byte
+/// nonce is split into a 4-byte salt and an 8-byte iv, CHACHA20-POLY1305 keeps 12 bytes.
+pub fn ktls_direction(
+    version: rustls::ProtocolVersion,
+    (record_sequence, secrets): (u64, rustls::ConnectionTrafficSecrets),
+) -> Result<crate::sys::KtlsDirection, String> {
+    use crate::sys;
+    use rustls::ConnectionTrafficSecrets as Secrets;
+    let version = match version {
+        rustls::ProtocolVersion::TLSv1_3 => sys::TLS_1_3_VERSION,
+        rustls::ProtocolVersion::TLSv1_2 => sys::TLS_1_2_VERSION,
+        other => return Err(format!("kernel TLS does not take {other:?}")),
+    };
+    let (cipher, key, nonce) = match &secrets {
+        Secrets::Aes128Gcm { key, iv } => (sys::TLS_CIPHER_AES_GCM_128, key, iv),
+        Secrets::Aes256Gcm { key, iv } => (sys::TLS_CIPHER_AES_GCM_256, key, iv),
+        Secrets::Chacha20Poly1305 { key, iv } => (sys::TLS_CIPHER_CHACHA20_POLY1305, key, iv),
+        _ => return Err("kernel TLS does not take this cipher suite".into()),
+    };
+    let nonce = nonce.as_ref();
+    let (salt, iv) = if cipher == sys::TLS_CIPHER_CHACHA20_POLY1305 {
+        (Vec::new(), nonce.to_vec())
+    } else {
+        (nonce[..4].to_vec(), nonce[4..].to_vec())
+    };
+    Ok(sys::KtlsDirection {
+        version,
+        cipher,
+        iv,
+        key: key.as_ref().to_vec(),
+        salt,
+        record_sequence,
+    })
+}
+
 /// Whether this kernel offers kernel TLS right now (the `tls` ULP loaded or built in).
 pub fn kernel_tls_listed() -> bool {
     std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_ulp")

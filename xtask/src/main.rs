@@ -149,27 +149,31 @@ fn release_test_binary(name: &str) -> Result<PathBuf> {
         .with_context(|| format!("cargo named no executable for the {name} tests"))
 }
 
-/// In a VM on Debian's stock kernel (6.1): the data-plane suite on that kernel. Sockmap mode is
-/// refused there (it lost stream tails and hit a kernel BUG), so what runs is the proof that
-/// `auto` falls back with the reason, and the userspace suite.
+/// In a VM on Debian's stock kernel (6.1): kernel TLS from rustls's secrets for every suite
+/// and version, and the data-plane suite on that kernel. Sockmap mode is refused there (it
+/// lost stream tails and hit a kernel BUG), so what runs of it is the proof that `auto` falls
+/// back with the reason, and the userspace suite.
 fn vm_tests() -> Result<()> {
     vm::ensure_packages()?;
+    let ktls = release_test_binary("ktls")?;
     let dataplane = release_test_binary("dataplane")?;
     let script = workspace_root().join("target/vm/dataplane-suite.sh");
     std::fs::create_dir_all(script.parent().context("target/vm")?)?;
     std::fs::write(
         &script,
         format!(
-            "set -e\ncd '{}'\n'{}' --ignored --test-threads=1 --color never auto_mode userspace\n",
+            "set -e\ncd '{}'\n'{}' --ignored --test-threads=1 --color never --nocapture\n\
+             '{}' --ignored --test-threads=1 --color never auto_mode userspace\n",
             workspace_root().display(),
+            ktls.display(),
             dataplane.display()
         ),
     )?;
     let code = vm::run_script(&script, std::time::Duration::from_secs(900))?;
     if code != 0 {
-        bail!("the data-plane suite failed in the VM (exit {code})");
+        bail!("the VM tests failed (exit {code})");
     }
-    eprintln!("xtask: the data-plane suite passed in the VM");
+    eprintln!("xtask: the kernel TLS and data-plane tests passed in the VM");
     Ok(())
 }
 

@@ -207,6 +207,84 @@ pub fn socket_cookie(fd: BorrowedFd) -> io::Result<u64> {
     Ok(u64::from_ne_bytes(buf))
 }
 
+/// Kernel TLS parameters for one direction of a socket (`struct tls12_crypto_info_*` in
+/// linux/tls.h: version, cipher, iv, key, salt, record sequence, no padding).
+#[derive(Clone, PartialEq, Eq)]
+pub struct KtlsDirection {
+    pub version: u16,
+    pub cipher: u16,
+    pub iv: Vec<u8>,
+    pub key: Vec<u8>,
+    pub salt: Vec<u8>,
+    pub record_sequence: u64,
+}
+
+impl std::fmt::Debug for KtlsDirection {
+    /// Keys stay out of logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KtlsDirection")
+            .field("version", &self.version)
+            .field("cipher", &self.cipher)
+            .finish_non_exhaustive()
+    }
+}
+
+pub const TLS_1_2_VERSION: u16 = 0x0303;
+pub const TLS_1_3_VERSION: u16 = 0x0304;
+pub const TLS_CIPHER_AES_GCM_128: u16 = 51;
+pub const TLS_CIPHER_AES_GCM_256: u16 = 52;
+pub const TLS_CIPHER_CHACHA20_POLY1305: u16 = 54;
+const TCP_ULP: i32 = 31;
+const SOL_TLS: i32 = 282;
+const TLS_TX: i32 = 1;
+const TLS_RX: i32 = 2;
+
+fn setsockopt_bytes(fd: BorrowedFd, level: i32, name: i32, value: &[u8]) -> io::Result<()> {
+    // SAFETY: `value` is readable for its length, which is passed.
+    let result = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            value.as_ptr().cast(),
+            value.len() as libc::socklen_t,
+        )
+    };
+    if result < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Attaches the kernel TLS ULP to an established TCP socket (ENOENT: no kernel TLS).
+pub fn ktls_attach(fd: BorrowedFd) -> io::Result<()> {
+    setsockopt_bytes(fd, libc::IPPROTO_TCP, TCP_ULP, b"tls")
+}
+
+/// Hands one direction's keys to kernel TLS: from then on the kernel encrypts what is
+/// written (`transmit`) or decrypts what is read.
+pub fn ktls_set(fd: BorrowedFd, transmit: bool, direction: &KtlsDirection) -> io::Result<()> {
+    let mut info = Vec::with_capacity(4 + direction.iv.len() + direction.key.len() + 12);
+    info.extend_from_slice(&direction.version.to_ne_bytes());
+    info.extend_from_slice(&direction.cipher.to_ne_bytes());
+    info.extend_from_slice(&direction.iv);
+    info.extend_from_slice(&direction.key);
+    info.extend_from_slice(&direction.salt);
+    info.extend_from_slice(&direction.record_sequence.to_be_bytes());
+    let name = if transmit { TLS_TX } else { TLS_RX };
+    setsockopt_bytes(fd, SOL_TLS, name, &info)
+}
+
+/// The socket's upper layer protocol ("tls" once kernel TLS is attached, "" for none).
+pub fn tcp_ulp(fd: BorrowedFd) -> io::Result<String> {
+    let mut name = [0u8; 16];
+    let len = getsockopt_bytes(fd, libc::IPPROTO_TCP, TCP_ULP, &mut name)?;
+    let name = &name[..len];
+    let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+    Ok(String::from_utf8_lossy(&name[..end]).into_owned())
+}
+
 /// Sets SO_RCVLOWAT; setting it also runs the socket's data-ready callback, which makes a
 /// sockmap verdict look at bytes queued before the socket joined the map.
 pub fn set_rcvlowat(fd: BorrowedFd, bytes: i32) -> io::Result<()> {
