@@ -105,23 +105,25 @@ fn the_example_config_in_the_readme_is_valid() {
     );
 }
 
+/// `wsplice run` in the quick form with a TLS certificate and key.
+fn quick_wss(cert: &std::path::Path, key: &std::path::Path) -> Command {
+    let mut command = wsplice();
+    command
+        .args(["run", "--listen", "127.0.0.1:0"])
+        .args(["--member", "ws://127.0.0.1:1"])
+        .arg("--tls-cert")
+        .arg(cert)
+        .arg("--tls-key")
+        .arg(key);
+    command
+}
+
 #[test]
 fn the_quick_form_serves_wss_with_the_given_certificate() {
     let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
     let cert = write_config("quick.pem", &certified.cert.pem());
     let key = write_config("quick.key", &certified.key_pair.serialize_pem());
-    let mut child = wsplice()
-        .args([
-            "run",
-            "--listen",
-            "127.0.0.1:0",
-            "--member",
-            "ws://127.0.0.1:1",
-        ])
-        .arg("--tls-cert")
-        .arg(&cert)
-        .arg("--tls-key")
-        .arg(&key)
+    let mut child = quick_wss(&cert, &key)
         .env("RUST_LOG", "info")
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -139,20 +141,7 @@ fn the_quick_form_serves_wss_with_the_given_certificate() {
     // A key that does not belong to the certificate: 64, before serving.
     let other = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
     let wrong_key = write_config("other.key", &other.key_pair.serialize_pem());
-    let out = wsplice()
-        .args([
-            "run",
-            "--listen",
-            "127.0.0.1:0",
-            "--member",
-            "ws://127.0.0.1:1",
-        ])
-        .arg("--tls-cert")
-        .arg(&cert)
-        .arg("--tls-key")
-        .arg(&wrong_key)
-        .output()
-        .unwrap();
+    let out = quick_wss(&cert, &wrong_key).output().unwrap();
     assert_eq!(out.status.code(), Some(64));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(

@@ -97,9 +97,7 @@ fn pki() -> Pki {
 
 #[test]
 fn wss_clients_reach_ws_members_with_every_byte() {
-    let pki = pki();
-    let members = start_members(3);
-    let proxy = tls_proxy(ws_urls(&members), &pki.cert, &pki.key, |_| {});
+    let (_pki, members, proxy, dial) = wss_setup(3);
     let mut rng = Rng(0x7157);
     let plans: Vec<ClientPlan> = (0..32)
         .map(|id| {
@@ -110,7 +108,6 @@ fn wss_clients_reach_ws_members_with_every_byte() {
             plan
         })
         .collect();
-    let dial = tls_dial(client_config(&[&pki.ca]), "localhost");
     run_and_check_over(&dial, &proxy, &members, plans, 8);
     let report = wait_for_report(&members, 0, Duration::from_secs(1)).unwrap();
     assert_eq!(
@@ -206,17 +203,16 @@ fn tls_1_0_and_1_1_clients_are_refused() {
     proxy.stop();
 }
 
-/// A second wsplice serving wss:// with `cert` in front of a plain member: a wss:// member.
-fn wss_member(cert: &Path, key: &Path) -> (ServerHandle, Vec<Member>) {
+/// A second wsplice serving wss:// with `cert` in front of a plain member (a wss:// member),
+/// and a wss:// wsplice in front of it that trusts only `pki`'s CA. Returns (outer, inner,
+/// the plain member).
+fn wss_member_chain(
+    pki: &Pki,
+    cert: &Path,
+    key: &Path,
+) -> (ServerHandle, ServerHandle, Vec<Member>) {
     let members = start_members(1);
-    let proxy = tls_proxy(ws_urls(&members), cert, key, |_| {});
-    (proxy, members)
-}
-
-#[test]
-fn wss_members_carry_every_byte() {
-    let pki = pki();
-    let (inner, members) = wss_member(&pki.cert, &pki.key);
+    let inner = tls_proxy(ws_urls(&members), cert, key, |_| {});
     let ca_file = pki.scratch.path("ca.pem");
     pki.ca.write_pem(&ca_file);
     let outer = tls_proxy(
@@ -225,6 +221,13 @@ fn wss_members_carry_every_byte() {
         &pki.key,
         |config| config.clusters[0].member_tls.ca_file = Some(ca_file.clone()),
     );
+    (outer, inner, members)
+}
+
+#[test]
+fn wss_members_carry_every_byte() {
+    let pki = pki();
+    let (outer, inner, members) = wss_member_chain(&pki, &pki.cert, &pki.key);
     let mut rng = Rng(0x55);
     let plans: Vec<ClientPlan> = (0..16)
         .map(|id| {
@@ -244,15 +247,7 @@ fn a_wss_member_with_an_untrusted_certificate_is_a_502() {
     let pki = pki();
     let stranger = Ca::new("some other CA");
     let (cert, key, _) = stranger.issue(&pki.scratch, "stranger", &["localhost"]);
-    let (inner, members) = wss_member(&cert, &key);
-    let ca_file = pki.scratch.path("ca.pem");
-    pki.ca.write_pem(&ca_file);
-    let outer = tls_proxy(
-        vec![format!("wss://localhost:{}", inner.addresses[0].port())],
-        &pki.cert,
-        &pki.key,
-        |config| config.clusters[0].member_tls.ca_file = Some(ca_file.clone()),
-    );
+    let (outer, inner, members) = wss_member_chain(&pki, &cert, &key);
     let dial = tls_dial(client_config(&[&pki.ca]), "localhost");
     let report =
         run_client_over(&dial, outer.addresses[0], &ClientPlan::simple(1, 10, 10)).unwrap();
@@ -370,15 +365,21 @@ fn certificates_reload_on_change_and_sighup_without_dropping_connections() {
     proxy.stop();
 }
 
+/// A wss:// wsplice in front of `count` members, and a client trusting its certificate.
+fn wss_setup(count: usize) -> (Pki, Vec<Member>, ServerHandle, Dial) {
+    let pki = pki();
+    let members = start_members(count);
+    let proxy = tls_proxy(ws_urls(&members), &pki.cert, &pki.key, |_| {});
+    let dial = tls_dial(client_config(&[&pki.ca]), "localhost");
+    (pki, members, proxy, dial)
+}
+
 #[test]
 #[ignore = "heavy: run with `cargo xtask test`"]
 fn wss_one_gib_each_way_through_one_connection() {
     const GIB: u64 = 1 << 30;
-    let pki = pki();
-    let members = start_members(1);
-    let proxy = tls_proxy(ws_urls(&members), &pki.cert, &pki.key, |_| {});
+    let (_pki, members, proxy, dial) = wss_setup(1);
     let started = Instant::now();
-    let dial = tls_dial(client_config(&[&pki.ca]), "localhost");
     run_and_check_over(
         &dial,
         &proxy,
@@ -393,11 +394,8 @@ fn wss_one_gib_each_way_through_one_connection() {
 #[test]
 #[ignore = "heavy: run with `cargo xtask test`"]
 fn wss_ten_thousand_close_and_half_close_races() {
-    let pki = pki();
-    let members = start_members(3);
-    let proxy = tls_proxy(ws_urls(&members), &pki.cert, &pki.key, |_| {});
+    let (_pki, members, proxy, dial) = wss_setup(3);
     let started = Instant::now();
-    let dial = tls_dial(client_config(&[&pki.ca]), "localhost");
     run_and_check_over(&dial, &proxy, &members, race_plans(0x7105, 10_000), 32);
     eprintln!("wss: 10,000 races in {:?}", started.elapsed());
     proxy.stop();
