@@ -348,6 +348,58 @@ pub fn ktls_direction(
     })
 }
 
+/// The largest TLS record a peer may send: 2^14 bytes of plaintext plus expansion.
+const MAX_RECORD: usize = (1 << 14) + 2048;
+
+/// A server handshake that reads whole TLS records only, so nothing the client sent after its
+/// Finished (the HTTP request often comes in the same flight) leaves the kernel: kernel TLS can
+/// take the connection from the next record on. Returns the connection with its handshake done
+/// and everything it had to send (TLS 1.3 session tickets included) written.
+pub async fn handshake_whole_records(
+    config: Arc<ServerConfig>,
+    stream: &mut TcpStream,
+) -> io::Result<rustls::ServerConnection> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut connection = rustls::ServerConnection::new(config).map_err(io::Error::other)?;
+    let mut record = Vec::with_capacity(MAX_RECORD + 5);
+    loop {
+        let mut outgoing = Vec::new();
+        while connection.wants_write() {
+            connection.write_tls(&mut outgoing)?;
+        }
+        stream.write_all(&outgoing).await?;
+        if !connection.is_handshaking() {
+            return Ok(connection);
+        }
+        let mut header = [0u8; 5];
+        stream.read_exact(&mut header).await?;
+        let length = usize::from(u16::from_be_bytes([header[3], header[4]]));
+        if length > MAX_RECORD {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("a TLS record of {length} bytes"),
+            ));
+        }
+        record.clear();
+        record.extend_from_slice(&header);
+        record.resize(5 + length, 0);
+        stream.read_exact(&mut record[5..]).await?;
+        let mut unread = &record[..];
+        while !unread.is_empty() {
+            connection.read_tls(&mut unread)?;
+        }
+        if let Err(error) = connection.process_new_packets() {
+            // The alert rustls queued goes out before the connection does.
+            let mut alert = Vec::new();
+            while connection.wants_write() {
+                connection.write_tls(&mut alert)?;
+            }
+            let _ = stream.write_all(&alert).await;
+            return Err(io::Error::new(io::ErrorKind::InvalidData, error));
+        }
+    }
+}
+
 /// Whether this kernel offers kernel TLS right now (the `tls` ULP loaded or built in).
 pub fn kernel_tls_listed() -> bool {
     std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_ulp")

@@ -10,7 +10,7 @@ use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::thread;
 
-use common::tls::{Ca, Scratch};
+use common::tls::{Ca, Scratch, accept_whole_record_handshake, client_with_early_request};
 use common::{Pattern, read_pattern, write_pattern};
 use rustls::crypto::ring::cipher_suite as suites;
 use rustls::pki_types::pem::PemObject;
@@ -44,9 +44,12 @@ fn install(conn: rustls::Connection, socket: &TcpStream) {
     assert_eq!(wsplice::sys::tcp_ulp(socket.as_fd()).unwrap(), "tls");
 }
 
+/// Server and client configurations for one version and suite; the server sends `tickets`
+/// TLS 1.3 session tickets after the handshake.
 fn configs(
     version: &'static SupportedProtocolVersion,
     suite: SupportedCipherSuite,
+    tickets: usize,
 ) -> (Arc<ServerConfig>, Arc<ClientConfig>, Scratch) {
     let scratch = Scratch::new();
     let ca = Ca::new("ktls CA");
@@ -65,7 +68,7 @@ fn configs(
         .with_single_cert(chain, PrivateKeyDer::from_pem_file(&key).unwrap())
         .unwrap();
     server.enable_secret_extraction = true;
-    server.send_tls13_tickets = 0; // no post-handshake records before the kernel takes over
+    server.send_tls13_tickets = tickets;
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ca.der()).unwrap();
     let mut client = ClientConfig::builder_with_provider(provider)
@@ -82,7 +85,8 @@ fn ktls_pair(
     version: &'static SupportedProtocolVersion,
     suite: SupportedCipherSuite,
 ) -> (TcpStream, TcpStream) {
-    let (server_config, client_config, _scratch) = configs(version, suite);
+    // No tickets: the client has no post-handshake records to read before its kernel takes over.
+    let (server_config, client_config, _scratch) = configs(version, suite, 0);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let address = listener.local_addr().unwrap();
     let server = thread::spawn(move || {
@@ -167,5 +171,40 @@ fn kernel_tls_carries_every_byte_for_each_suite_and_version() {
             suite.suite()
         );
         drop((client, server));
+    }
+}
+
+#[test]
+#[ignore = "needs kernel TLS: runs in the VM from `cargo xtask test`"]
+fn kernel_tls_takes_over_a_server_after_a_whole_record_handshake() {
+    let request = b"GET /ws HTTP/1.1\r\nHost: localhost\r\n\r\n";
+    let answer = b"HTTP/1.1 101 Switching Protocols\r\n\r\n";
+    for (version, suite) in [
+        (&rustls::version::TLS13, suites::TLS13_AES_128_GCM_SHA256),
+        (
+            &rustls::version::TLS12,
+            suites::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+        ),
+    ] {
+        // Session tickets go out before the kernel takes over; a normal rustls client talks to
+        // the kernel from then on.
+        let (server_config, client_config, _scratch) = configs(version, suite, 2);
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap();
+        let server = thread::spawn(move || {
+            let (connection, mut socket) = accept_whole_record_handshake(listener, server_config);
+            install(rustls::Connection::Server(connection), &socket);
+            let mut received = vec![0u8; request.len()];
+            std::io::Read::read_exact(&mut socket, &mut received).unwrap();
+            assert_eq!(&received, request, "the request, decrypted by the kernel");
+            std::io::Write::write_all(&mut socket, answer).unwrap();
+            socket
+        });
+        let mut client = client_with_early_request(address, client_config, request);
+        let mut received = vec![0u8; answer.len()];
+        std::io::Read::read_exact(&mut client, &mut received).unwrap();
+        assert_eq!(&received, answer, "the answer, encrypted by the kernel");
+        drop(server.join().unwrap());
+        eprintln!("kernel TLS took over a {:?} server", version.version);
     }
 }

@@ -468,3 +468,26 @@ fn wss_slow_reader_holds_bounded_memory() {
     assert_no_state_left(&proxy);
     proxy.stop();
 }
+
+#[test]
+fn a_whole_record_handshake_leaves_the_request_in_the_kernel() {
+    let pki = pki();
+    let server = wsplice::tls::ServerTls::new(&wsplice::config::ListenerTls {
+        certificates: vec![wsplice::config::CertificateFiles {
+            cert: pki.cert.clone(),
+            key: pki.key.clone(),
+        }],
+        unknown_sni: UnknownSni::Default,
+    })
+    .unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap();
+    let accepting = thread::spawn(move || accept_whole_record_handshake(listener, server.config));
+    let _client = client_with_early_request(
+        address,
+        client_config(&[&pki.ca]),
+        b"GET /ws HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    );
+    let (connection, _socket) = accepting.join().unwrap();
+    assert!(!connection.is_handshaking());
+}

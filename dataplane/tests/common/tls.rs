@@ -254,3 +254,57 @@ pub fn connect_tls(
 pub fn tls_dial(config: Arc<ClientConfig>, server_name: &'static str) -> Dial {
     Arc::new(move |proxy| connect_tls(proxy, &config, server_name).map(|c| c.connection))
 }
+
+/// A client that finishes its handshake and writes `request` at once (in the same flight under
+/// TLS 1.3), over a blocking socket; returns the rustls stream for reading the answer.
+pub fn client_with_early_request(
+    address: SocketAddr,
+    config: Arc<ClientConfig>,
+    request: &[u8],
+) -> rustls::StreamOwned<ClientConnection, TcpStream> {
+    let socket = TcpStream::connect(address).unwrap();
+    let name = ServerName::try_from("localhost").unwrap();
+    let connection = ClientConnection::new(config, name).unwrap();
+    let mut stream = rustls::StreamOwned::new(connection, socket);
+    stream.write_all(request).unwrap();
+    stream.flush().unwrap();
+    stream
+}
+
+/// The server's side of [`client_with_early_request`]: accepts one connection and does the
+/// whole-record handshake; the request must still be in the kernel, none of it in rustls.
+pub fn accept_whole_record_handshake(
+    listener: std::net::TcpListener,
+    config: Arc<rustls::ServerConfig>,
+) -> (rustls::ServerConnection, TcpStream) {
+    let (socket, _) = listener.accept().unwrap();
+    socket.set_nonblocking(true).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (mut connection, socket) = runtime.block_on(async {
+        let mut socket = tokio::net::TcpStream::from_std(socket).unwrap();
+        let connection = wsplice::tls::handshake_whole_records(config, &mut socket)
+            .await
+            .unwrap();
+        (connection, socket.into_std().unwrap())
+    });
+    socket.set_nonblocking(false).unwrap();
+    assert!(
+        super::wait_until(std::time::Duration::from_secs(5), || {
+            wsplice::sys::unread_receive_queue(std::os::fd::AsFd::as_fd(&socket)).unwrap_or(0) > 0
+        }),
+        "the request never reached the server's socket"
+    );
+    let mut plaintext = [0u8; 64];
+    assert_eq!(
+        connection
+            .reader()
+            .read(&mut plaintext)
+            .map_err(|e| e.kind()),
+        Err(io::ErrorKind::WouldBlock),
+        "rustls read past the handshake"
+    );
+    (connection, socket)
+}
