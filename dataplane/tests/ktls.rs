@@ -198,12 +198,31 @@ fn kernel_tls_takes_over_a_server_after_a_whole_record_handshake() {
             std::io::Read::read_exact(&mut socket, &mut received).unwrap();
             assert_eq!(&received, request, "the request, decrypted by the kernel");
             std::io::Write::write_all(&mut socket, answer).unwrap();
+            // The client's close_notify comes as an alert record (a plain read would fail with
+            // EIO), then its FIN.
+            let mut record = [0u8; 64];
+            let close = wsplice::sys::ktls_recv(socket.as_fd(), &mut record, 0).unwrap();
+            assert_eq!(
+                close,
+                wsplice::sys::KtlsRecord::Control {
+                    record_type: 21,
+                    len: 2
+                }
+            );
+            assert_eq!(&record[..2], [1, 0], "a warning-level close_notify");
+            assert_eq!(
+                wsplice::sys::ktls_recv(socket.as_fd(), &mut record, 0).unwrap(),
+                wsplice::sys::KtlsRecord::Data(0)
+            );
             socket
         });
         let mut client = client_with_early_request(address, client_config, request);
         let mut received = vec![0u8; answer.len()];
         std::io::Read::read_exact(&mut client, &mut received).unwrap();
         assert_eq!(&received, answer, "the answer, encrypted by the kernel");
+        client.conn.send_close_notify();
+        std::io::Write::flush(&mut client).unwrap();
+        client.sock.shutdown(std::net::Shutdown::Write).unwrap();
         drop(server.join().unwrap());
         eprintln!("kernel TLS took over a {:?} server", version.version);
     }

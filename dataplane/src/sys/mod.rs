@@ -276,6 +276,60 @@ pub fn ktls_set(fd: BorrowedFd, transmit: bool, direction: &KtlsDirection) -> io
     setsockopt_bytes(fd, SOL_TLS, name, &info)
 }
 
+/// What one receive from a kernel TLS socket got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KtlsRecord {
+    /// Application data (0 bytes: the peer's FIN).
+    Data(usize),
+    /// A record of another type (21 alert, 22 handshake), its plaintext in the buffer.
+    Control { record_type: u8, len: usize },
+}
+
+const TLS_GET_RECORD_TYPE: i32 = 2;
+const TLS_RECORD_TYPE_APPLICATION_DATA: u8 = 23;
+
+/// Receives from a kernel TLS socket with room for the record type: a plain read fails with
+/// EIO when the next record is not application data (an alert such as close_notify, or a
+/// TLS 1.3 handshake message such as KeyUpdate).
+pub fn ktls_recv(fd: BorrowedFd, buf: &mut [u8], flags: i32) -> io::Result<KtlsRecord> {
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // u64s keep the control buffer aligned for cmsghdr.
+    let mut control = [0u64; 8];
+    // SAFETY: msghdr is plain data; all-zero is a valid empty header, filled in below.
+    let mut message: libc::msghdr = unsafe { std::mem::zeroed() };
+    message.msg_iov = &mut iov;
+    message.msg_iovlen = 1;
+    message.msg_control = control.as_mut_ptr().cast();
+    message.msg_controllen = size_of_val(&control) as _;
+    // SAFETY: the iovec points at `buf` and the control buffer at `control`, both live and
+    // writable for the lengths given.
+    let received = unsafe { libc::recvmsg(fd.as_raw_fd(), &mut message, flags) };
+    if received < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let len = received as usize;
+    let mut record_type = TLS_RECORD_TYPE_APPLICATION_DATA;
+    // SAFETY: CMSG_FIRSTHDR/CMSG_NXTHDR walk the control data the kernel wrote into `message`
+    // (bounded by msg_controllen); CMSG_DATA of a SOL_TLS record-type message holds one byte.
+    unsafe {
+        let mut header = libc::CMSG_FIRSTHDR(&message);
+        while !header.is_null() {
+            if (*header).cmsg_level == SOL_TLS && (*header).cmsg_type == TLS_GET_RECORD_TYPE {
+                record_type = *libc::CMSG_DATA(header);
+            }
+            header = libc::CMSG_NXTHDR(&message, header);
+        }
+    }
+    if record_type == TLS_RECORD_TYPE_APPLICATION_DATA {
+        Ok(KtlsRecord::Data(len))
+    } else {
+        Ok(KtlsRecord::Control { record_type, len })
+    }
+}
+
 /// The socket's upper layer protocol ("tls" once kernel TLS is attached, "" for none).
 pub fn tcp_ulp(fd: BorrowedFd) -> io::Result<String> {
     let mut name = [0u8; 16];
