@@ -35,6 +35,9 @@ pub struct ServerSettings {
     pub connect_timeout: Duration,
     pub max_header_bytes: usize,
     pub max_headers: usize,
+    /// Hand TLS listeners' connections to kernel TLS after the handshake where the kernel has
+    /// it (opt-in while the kernel TLS carrier is being completed).
+    pub kernel_tls: bool,
 }
 
 impl ServerSettings {
@@ -60,6 +63,7 @@ impl Default for ServerSettings {
             connect_timeout: Duration::from_secs(3),
             max_header_bytes: 16 * 1024,
             max_headers: 100,
+            kernel_tls: false,
         }
     }
 }
@@ -253,6 +257,7 @@ struct RawServer {
     connect_timeout: Option<Spanned<String>>,
     max_header_bytes: Option<Spanned<RawSize>>,
     max_headers: Option<Spanned<i64>>,
+    kernel_tls: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -533,6 +538,9 @@ impl Checker<'_> {
                 Ok(_) => self.error(size.span(), "max_header_bytes must be 8KiB..1MiB"),
                 Err(message) => self.error(size.span(), message),
             }
+        }
+        if let Some(kernel_tls) = raw.kernel_tls {
+            settings.kernel_tls = kernel_tls;
         }
         if let Some(count) = raw.max_headers {
             match usize::try_from(*count.get_ref()) {

@@ -139,6 +139,7 @@ pub fn start(config: Config) -> Result<ServerHandle, StartError> {
             worker.push(Listening {
                 listener: bound,
                 tls: tls.clone(),
+                kernel_tls: false,
                 entry,
             });
         }
@@ -159,8 +160,18 @@ pub fn start(config: Config) -> Result<ServerHandle, StartError> {
             .clusters
             .iter()
             .any(|cluster| cluster.members.iter().any(|member| member.tls));
+    let kernel_tls = if certificate_stores.is_empty() {
+        Err("no listener has TLS".to_string())
+    } else if !settings.kernel_tls {
+        Err("kernel_tls is off in [server]".to_string())
+    } else {
+        crate::tls::kernel_tls_works()
+    };
     if any_tls {
-        tracing::info!("{}", crate::tls::carrier_announcement());
+        tracing::info!("{}", crate::tls::carrier_announcement(&kernel_tls));
+    }
+    for listening in per_worker.iter_mut().flatten() {
+        listening.kernel_tls = kernel_tls.is_ok() && listening.tls.is_some();
     }
     let (stop, stopped) = watch::channel(false);
     spawn_certificate_reloader(certificate_stores, stopped.clone()).map_err(StartError::Worker)?;
@@ -193,6 +204,8 @@ pub fn start(config: Config) -> Result<ServerHandle, StartError> {
 struct Listening {
     listener: std::net::TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    /// TLS connections go to kernel TLS after the handshake.
+    kernel_tls: bool,
     entry: Entry,
 }
 
@@ -218,7 +231,7 @@ fn run_worker(listeners: Vec<Listening>, shared: Arc<Shared>, mut stopped: watch
             };
             tokio::spawn(accept_loop(
                 listener,
-                listening.tls,
+                listening.tls.map(|tls| (tls, listening.kernel_tls)),
                 listening.entry,
                 Arc::clone(&shared),
             ));
@@ -229,7 +242,7 @@ fn run_worker(listeners: Vec<Listening>, shared: Arc<Shared>, mut stopped: watch
 
 async fn accept_loop(
     listener: tokio::net::TcpListener,
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    tls: Option<(tokio_rustls::TlsAcceptor, bool)>,
     entry: Entry,
     shared: Arc<Shared>,
 ) {
@@ -239,15 +252,32 @@ async fn accept_loop(
                 shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
                 let _ = stream.set_nodelay(true);
                 let shared = Arc::clone(&shared);
-                let Some(acceptor) = tls.clone() else {
+                let Some((acceptor, kernel_tls)) = tls.clone() else {
                     tokio::spawn(http::serve(Stream::Plain(stream), client, shared, entry));
                     continue;
                 };
                 tokio::spawn(async move {
                     let timeout = shared.settings.handshake_timeout;
-                    match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+                    // The tls ULP joins only an established socket: attached now, it passes
+                    // bytes through untouched until the keys are set after the handshake.
+                    let kernel_tls = kernel_tls
+                        && crate::sys::ktls_attach(std::os::fd::AsFd::as_fd(&stream)).is_ok();
+                    let handshake = async {
+                        if kernel_tls {
+                            let mut stream = stream;
+                            let connection = crate::tls::handshake_whole_records(
+                                Arc::clone(acceptor.config()),
+                                &mut stream,
+                            )
+                            .await?;
+                            crate::tls::KtlsStream::install(connection, stream).map(Stream::Ktls)
+                        } else {
+                            let stream = acceptor.accept(stream).await?;
+                            Ok(Stream::Tls(Box::new(stream.into())))
+                        }
+                    };
+                    match tokio::time::timeout(timeout, handshake).await {
                         Ok(Ok(stream)) => {
-                            let stream = Stream::Tls(Box::new(stream.into()));
                             http::serve(stream, client, shared, entry).await;
                         }
                         Ok(Err(error)) => {

@@ -204,6 +204,8 @@ impl ServerTls {
             .with_no_client_auth()
             .with_cert_resolver(Arc::clone(&store) as Arc<dyn ResolvesServerCert>);
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        // Kernel TLS takes the keys after the handshake.
+        config.enable_secret_extraction = true;
         Ok(ServerTls {
             config: Arc::new(config),
             store,
@@ -406,14 +408,30 @@ pub fn kernel_tls_listed() -> bool {
         .is_ok_and(|ulps| ulps.split_whitespace().any(|ulp| ulp == "tls"))
 }
 
+/// Whether kernel TLS can be attached here: tried on a loopback connection (the attempt also
+/// loads the module where it is one). The error says why not.
+pub fn kernel_tls_works() -> Result<(), String> {
+    use std::os::fd::AsFd;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let address = listener.local_addr().map_err(|e| e.to_string())?;
+    let _client = std::net::TcpStream::connect(address).map_err(|e| e.to_string())?;
+    let (accepted, _) = listener.accept().map_err(|e| e.to_string())?;
+    crate::sys::ktls_attach(accepted.as_fd()).map_err(|error| match error.raw_os_error() {
+        Some(libc::ENOENT) => "this kernel offers no kernel TLS (CONFIG_TLS)".to_string(),
+        _ => format!("kernel TLS cannot be attached: {error}"),
+    })
+}
+
 /// The start-up line naming what carries pairs with a TLS leg.
-pub fn carrier_announcement() -> String {
-    let why = if kernel_tls_listed() {
-        "the kernel TLS carrier is not used yet"
-    } else {
-        "this kernel offers no kernel TLS (no \"tls\" in tcp_available_ulp)"
-    };
-    format!("dataplane: pairs with a TLS leg: rustls relay in userspace, because {why}")
+pub fn carrier_announcement(kernel_tls: &Result<(), String>) -> String {
+    match kernel_tls {
+        Ok(()) => "dataplane: pairs with a TLS leg: kernel TLS on listeners (the kernel \
+                   encrypts and decrypts; the relay copies plaintext), rustls for wss:// members"
+            .to_string(),
+        Err(why) => {
+            format!("dataplane: pairs with a TLS leg: rustls relay in userspace, because {why}")
+        }
+    }
 }
 
 /// The name a wss:// member is verified against and sent as SNI: the url's host.
@@ -422,16 +440,123 @@ pub fn member_server_name(host: &str) -> Result<ServerName<'static>, String> {
     ServerName::try_from(host.to_string()).map_err(|error| format!("{host:?}: {error}"))
 }
 
-/// A connection after the TLS stage: plain TCP, or TLS (either side) over TCP.
+/// A connection after the TLS stage: plain TCP, TLS by rustls over TCP, or TCP with kernel
+/// TLS (the kernel encrypts and decrypts; userspace sees plaintext).
 #[derive(Debug)]
 pub enum Stream {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::TlsStream<TcpStream>>),
+    Ktls(KtlsStream),
 }
 
 impl Stream {
     pub fn is_tls(&self) -> bool {
-        matches!(self, Stream::Tls(_))
+        !matches!(self, Stream::Plain(_))
+    }
+}
+
+/// A TCP socket with kernel TLS in both directions. Reads take the record type along, so the
+/// peer's close_notify reads as EOF; shutting down sends one.
+#[derive(Debug)]
+pub struct KtlsStream {
+    socket: TcpStream,
+    closed_by_peer: bool,
+}
+
+impl KtlsStream {
+    /// Moves a finished server handshake into kernel TLS on its socket, to which the tls ULP
+    /// was attached before the handshake (the ULP joins only an established socket, and a
+    /// client may have half-closed by the end of the handshake).
+    pub fn install(connection: rustls::ServerConnection, socket: TcpStream) -> io::Result<Self> {
+        use std::os::fd::AsFd;
+        let version = connection
+            .protocol_version()
+            .ok_or_else(|| io::Error::other("no TLS version after the handshake"))?;
+        #[allow(deprecated)] // the server sent its tickets already; key updates are refused
+        let secrets = connection
+            .dangerous_extract_secrets()
+            .map_err(io::Error::other)?;
+        let tx = ktls_direction(version, secrets.tx).map_err(io::Error::other)?;
+        let rx = ktls_direction(version, secrets.rx).map_err(io::Error::other)?;
+        crate::sys::ktls_set(socket.as_fd(), true, &tx)?;
+        crate::sys::ktls_set(socket.as_fd(), false, &rx)?;
+        Ok(KtlsStream {
+            socket,
+            closed_by_peer: false,
+        })
+    }
+}
+
+impl AsyncRead for KtlsStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        use std::os::fd::AsFd;
+        let this = self.get_mut();
+        if this.closed_by_peer {
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            std::task::ready!(this.socket.poll_read_ready(cx))?;
+            let unfilled = buf.initialize_unfilled();
+            let received = this.socket.try_io(tokio::io::Interest::READABLE, || {
+                crate::sys::ktls_recv(this.socket.as_fd(), unfilled, 0)
+            });
+            return Poll::Ready(match received {
+                Ok(crate::sys::KtlsRecord::Data(read)) => {
+                    buf.advance(read);
+                    Ok(())
+                }
+                Ok(crate::sys::KtlsRecord::Control {
+                    record_type: 21,
+                    len,
+                }) if len >= 2 && unfilled[1] == 0 => {
+                    this.closed_by_peer = true; // close_notify: EOF
+                    Ok(())
+                }
+                Ok(crate::sys::KtlsRecord::Control { record_type, len }) => {
+                    Err(io::Error::other(format!(
+                        "a TLS record of type {record_type} ({len} bytes) after kernel TLS \
+                         took over (an alert, or a key update this kernel cannot follow)"
+                    )))
+                }
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(error) => Err(error),
+            });
+        }
+    }
+}
+
+impl AsyncWrite for KtlsStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().socket).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().socket).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        use std::os::fd::AsFd;
+        let this = self.get_mut();
+        loop {
+            std::task::ready!(this.socket.poll_write_ready(cx))?;
+            match this.socket.try_io(tokio::io::Interest::WRITABLE, || {
+                crate::sys::ktls_send_close_notify(this.socket.as_fd())
+            }) {
+                Ok(()) => break,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
+                // The peer is gone: nothing to notify.
+                Err(_) => break,
+            }
+        }
+        Pin::new(&mut this.socket).poll_shutdown(cx)
     }
 }
 
@@ -444,6 +569,7 @@ impl AsyncRead for Stream {
         match self.get_mut() {
             Stream::Plain(stream) => Pin::new(stream).poll_read(cx, buf),
             Stream::Tls(stream) => Pin::new(stream.as_mut()).poll_read(cx, buf),
+            Stream::Ktls(stream) => Pin::new(stream).poll_read(cx, buf),
         }
     }
 }
@@ -457,6 +583,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(stream) => Pin::new(stream).poll_write(cx, buf),
             Stream::Tls(stream) => Pin::new(stream.as_mut()).poll_write(cx, buf),
+            Stream::Ktls(stream) => Pin::new(stream).poll_write(cx, buf),
         }
     }
 
@@ -464,6 +591,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(stream) => Pin::new(stream).poll_flush(cx),
             Stream::Tls(stream) => Pin::new(stream.as_mut()).poll_flush(cx),
+            Stream::Ktls(stream) => Pin::new(stream).poll_flush(cx),
         }
     }
 
@@ -472,6 +600,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(stream) => Pin::new(stream).poll_shutdown(cx),
             Stream::Tls(stream) => Pin::new(stream.as_mut()).poll_shutdown(cx),
+            Stream::Ktls(stream) => Pin::new(stream).poll_shutdown(cx),
         }
     }
 
@@ -483,6 +612,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
             Stream::Tls(stream) => Pin::new(stream.as_mut()).poll_write_vectored(cx, bufs),
+            Stream::Ktls(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
         }
     }
 
@@ -490,6 +620,7 @@ impl AsyncWrite for Stream {
         match self {
             Stream::Plain(stream) => stream.is_write_vectored(),
             Stream::Tls(stream) => stream.is_write_vectored(),
+            Stream::Ktls(stream) => stream.is_write_vectored(),
         }
     }
 }

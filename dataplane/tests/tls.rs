@@ -64,6 +64,8 @@ fn tls_proxy(
     })
     .unwrap();
     config.server.workers = 2;
+    // Kernel TLS where the kernel has it (in the VM), rustls otherwise (this host).
+    config.server.kernel_tls = true;
     edit(&mut config);
     wsplice::server::start(config).unwrap()
 }

@@ -330,6 +330,40 @@ pub fn ktls_recv(fd: BorrowedFd, buf: &mut [u8], flags: i32) -> io::Result<KtlsR
     }
 }
 
+const TLS_SET_RECORD_TYPE: i32 = 1;
+
+/// Sends a close_notify alert through kernel TLS (before shutting the write side down).
+pub fn ktls_send_close_notify(fd: BorrowedFd) -> io::Result<()> {
+    let mut alert = [1u8, 0]; // warning, close_notify
+    let mut iov = libc::iovec {
+        iov_base: alert.as_mut_ptr().cast(),
+        iov_len: alert.len(),
+    };
+    let mut control = [0u64; 4];
+    // SAFETY: msghdr is plain data; all-zero is a valid empty header, filled in below.
+    let mut message: libc::msghdr = unsafe { std::mem::zeroed() };
+    message.msg_iov = &mut iov;
+    message.msg_iovlen = 1;
+    message.msg_control = control.as_mut_ptr().cast();
+    // SAFETY: CMSG_SPACE/CMSG_LEN only compute sizes; the first header lies inside `control`
+    // (32 bytes, more than CMSG_SPACE(1)) and its one data byte too.
+    unsafe {
+        message.msg_controllen = libc::CMSG_SPACE(1) as _;
+        let header = libc::CMSG_FIRSTHDR(&message);
+        (*header).cmsg_level = SOL_TLS;
+        (*header).cmsg_type = TLS_SET_RECORD_TYPE;
+        (*header).cmsg_len = libc::CMSG_LEN(1) as _;
+        *libc::CMSG_DATA(header) = 21; // alert
+    }
+    // SAFETY: the iovec and control buffer are live for the call.
+    let sent = unsafe { libc::sendmsg(fd.as_raw_fd(), &message, libc::MSG_DONTWAIT) };
+    if sent < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
 /// The socket's upper layer protocol ("tls" once kernel TLS is attached, "" for none).
 pub fn tcp_ulp(fd: BorrowedFd) -> io::Result<String> {
     let mut name = [0u8; 16];
