@@ -142,27 +142,27 @@ fn initramfs(version: &str) -> Result<PathBuf> {
             if !seen.insert(file.clone()) {
                 continue;
             }
-            let name = file.file_name().context("module path")?;
-            let target = root.join("modules").join(name);
             // Compressed modules are unpacked: busybox's insmod takes plain ELF.
-            let text = file.to_string_lossy();
-            let plain_name = if let Some(stem) = text.strip_suffix(".xz") {
-                let out = Command::new("xz").args(["-dc"]).arg(&file).output()?;
-                let plain = root
-                    .join("modules")
-                    .join(Path::new(stem).file_name().context("module name")?);
-                std::fs::write(&plain, out.stdout)?;
-                plain
-            } else if let Some(stem) = text.strip_suffix(".zst") {
-                let out = Command::new("zstd").args(["-dc"]).arg(&file).output()?;
-                let plain = root
-                    .join("modules")
-                    .join(Path::new(stem).file_name().context("module name")?);
-                std::fs::write(&plain, out.stdout)?;
-                plain
-            } else {
-                std::fs::copy(&file, &target)?;
-                target
+            let text = file.to_string_lossy().into_owned();
+            let unpacker = [(".xz", "xz"), (".zst", "zstd")]
+                .into_iter()
+                .find_map(|(suffix, tool)| Some((text.strip_suffix(suffix)?, tool)));
+            let plain_name = match unpacker {
+                Some((stem, tool)) => {
+                    let out = Command::new(tool).arg("-dc").arg(&file).output()?;
+                    let plain = root
+                        .join("modules")
+                        .join(Path::new(stem).file_name().context("module name")?);
+                    std::fs::write(&plain, out.stdout)?;
+                    plain
+                }
+                None => {
+                    let target = root
+                        .join("modules")
+                        .join(file.file_name().context("module path")?);
+                    std::fs::copy(&file, &target)?;
+                    target
+                }
             };
             let name = plain_name.file_name().context("module name")?;
             order.push_str(&format!("/modules/{}\n", name.to_string_lossy()));

@@ -286,6 +286,17 @@ pub enum KtlsRecord {
 }
 
 const TLS_GET_RECORD_TYPE: i32 = 2;
+
+/// A message header for one buffer and an (aligned) control buffer.
+fn message_header(iov: &mut libc::iovec, control: &mut [u64]) -> libc::msghdr {
+    // SAFETY: msghdr is plain data; all-zero is a valid empty header, filled in below.
+    let mut message: libc::msghdr = unsafe { std::mem::zeroed() };
+    message.msg_iov = iov;
+    message.msg_iovlen = 1;
+    message.msg_control = control.as_mut_ptr().cast();
+    message.msg_controllen = size_of_val(control) as _;
+    message
+}
 const TLS_RECORD_TYPE_APPLICATION_DATA: u8 = 23;
 
 /// Receives from a kernel TLS socket with room for the record type: a plain read fails with
@@ -298,12 +309,7 @@ pub fn ktls_recv(fd: BorrowedFd, buf: &mut [u8], flags: i32) -> io::Result<KtlsR
     };
     // u64s keep the control buffer aligned for cmsghdr.
     let mut control = [0u64; 8];
-    // SAFETY: msghdr is plain data; all-zero is a valid empty header, filled in below.
-    let mut message: libc::msghdr = unsafe { std::mem::zeroed() };
-    message.msg_iov = &mut iov;
-    message.msg_iovlen = 1;
-    message.msg_control = control.as_mut_ptr().cast();
-    message.msg_controllen = size_of_val(&control) as _;
+    let mut message = message_header(&mut iov, &mut control);
     // SAFETY: the iovec points at `buf` and the control buffer at `control`, both live and
     // writable for the lengths given.
     let received = unsafe { libc::recvmsg(fd.as_raw_fd(), &mut message, flags) };
@@ -340,11 +346,7 @@ pub fn ktls_send_close_notify(fd: BorrowedFd) -> io::Result<()> {
         iov_len: alert.len(),
     };
     let mut control = [0u64; 4];
-    // SAFETY: msghdr is plain data; all-zero is a valid empty header, filled in below.
-    let mut message: libc::msghdr = unsafe { std::mem::zeroed() };
-    message.msg_iov = &mut iov;
-    message.msg_iovlen = 1;
-    message.msg_control = control.as_mut_ptr().cast();
+    let mut message = message_header(&mut iov, &mut control);
     // SAFETY: CMSG_SPACE/CMSG_LEN only compute sizes; the first header lies inside `control`
     // (32 bytes, more than CMSG_SPACE(1)) and its one data byte too.
     unsafe {
