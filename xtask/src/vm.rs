@@ -108,7 +108,7 @@ mount -t overlay overlay -o lowerdir=/host,upperdir=/rw/upper,workdir=/rw/work /
 mount -t proc proc /newroot/proc
 mount -t sysfs sys /newroot/sys
 mount -t devtmpfs dev /newroot/dev
-mount -t tmpfs tmpfs /newroot/tmp
+# /tmp stays the overlay's: the workspace may live under the host's /tmp.
 mount -t bpf bpf /newroot/sys/fs/bpf 2>/dev/null
 # Modules the kernel asks for (gcm(aes) for kernel TLS) come from the host's tree.
 printf '#!/bin/sh\nexec chroot /newroot /sbin/modprobe "$@"\n' > /modprobe-helper
@@ -122,10 +122,16 @@ echo "WSPLICE-VM-EXIT=$?"
 poweroff -f
 "#;
 
-/// Builds (once per kernel version) the initramfs; returns its path.
+/// Builds (once per kernel version and init script) the initramfs; returns its path.
 fn initramfs(version: &str) -> Result<PathBuf> {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    (INIT, MODULES).hash(&mut hasher);
     let dir = workspace_root().join("target/vm");
-    let image = dir.join(format!("initramfs-{version}.cpio.gz"));
+    let image = dir.join(format!(
+        "initramfs-{version}-{:016x}.cpio.gz",
+        hasher.finish()
+    ));
     if image.exists() {
         return Ok(image);
     }
