@@ -118,16 +118,6 @@ pub struct ListenerConfig {
     pub redirect_to_https: bool,
 }
 
-impl ListenerConfig {
-    pub fn plain(address: SocketAddr) -> Self {
-        ListenerConfig {
-            address,
-            tls: None,
-            redirect_to_https: false,
-        }
-    }
-}
-
 #[derive(Debug, Clone)]
 pub struct ListenerTls {
     /// Chosen by the client's SNI among the names each certificate is valid for; the first
@@ -701,8 +691,9 @@ pub fn quick(form: &QuickForm) -> Result<Config, ConfigErrors> {
     };
     let listeners = match form.listen.parse::<SocketAddr>() {
         Ok(address) => vec![ListenerConfig {
+            address,
             tls,
-            ..ListenerConfig::plain(address)
+            redirect_to_https: false,
         }],
         Err(_) => {
             fail(format!("--listen {:?} is not IP:PORT", form.listen));

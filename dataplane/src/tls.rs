@@ -402,12 +402,6 @@ pub async fn handshake_whole_records(
     }
 }
 
-/// Whether this kernel offers kernel TLS right now (the `tls` ULP loaded or built in).
-pub fn kernel_tls_listed() -> bool {
-    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_ulp")
-        .is_ok_and(|ulps| ulps.split_whitespace().any(|ulp| ulp == "tls"))
-}
-
 /// Whether kernel TLS can be attached here: tried on a loopback connection (the attempt also
 /// loads the module where it is one). The error says why not.
 pub fn kernel_tls_works() -> Result<(), String> {
@@ -447,12 +441,6 @@ pub enum Stream {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::TlsStream<TcpStream>>),
     Ktls(KtlsStream),
-}
-
-impl Stream {
-    pub fn is_tls(&self) -> bool {
-        !matches!(self, Stream::Plain(_))
-    }
 }
 
 /// A TCP socket with kernel TLS in both directions. Reads take the record type along, so the
