@@ -183,21 +183,7 @@ fn getsockopt_bytes(fd: BorrowedFd, level: i32, name: i32, buf: &mut [u8]) -> io
 }
 
 fn setsockopt_int(fd: BorrowedFd, level: i32, name: i32, value: i32) -> io::Result<()> {
-    // SAFETY: the option value is a live i32 and its size is passed.
-    let result = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            (&value as *const i32).cast(),
-            size_of::<i32>() as libc::socklen_t,
-        )
-    };
-    if result < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+    setsockopt_bytes(fd, level, name, &value.to_ne_bytes())
 }
 
 /// The kernel's socket cookie: a stable 64-bit id, the key of the BPF maps.
