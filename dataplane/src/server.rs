@@ -115,13 +115,23 @@ pub fn start(config: Config) -> Result<ServerHandle, StartError> {
     let mut addresses = Vec::new();
     let mut per_worker: Vec<Vec<Listening>> = (0..settings.workers).map(|_| Vec::new()).collect();
     let mut certificate_stores = Vec::new();
+    let kernel_tls = if !config.listeners.iter().any(|l| l.tls.is_some()) {
+        Err("no listener has TLS".to_string())
+    } else if !settings.kernel_tls {
+        Err("kernel_tls is off in [server]".to_string())
+    } else {
+        crate::tls::kernel_tls_works()
+    };
     for listener in &config.listeners {
         let tls = match &listener.tls {
             Some(tls) => {
                 let tls = ServerTls::new(tls)
                     .map_err(|error| StartError::Tls(format!("{}: {error}", listener.address)))?;
                 certificate_stores.push(Arc::clone(&tls.store));
-                Some(tokio_rustls::TlsAcceptor::from(tls.config))
+                Some(TlsEntry {
+                    acceptor: tokio_rustls::TlsAcceptor::from(tls.config),
+                    kernel: kernel_tls.is_ok(),
+                })
             }
             None => None,
         };
@@ -139,7 +149,6 @@ pub fn start(config: Config) -> Result<ServerHandle, StartError> {
             worker.push(Listening {
                 listener: bound,
                 tls: tls.clone(),
-                kernel_tls: false,
                 entry,
             });
         }
@@ -160,18 +169,8 @@ pub fn start(config: Config) -> Result<ServerHandle, StartError> {
             .clusters
             .iter()
             .any(|cluster| cluster.members.iter().any(|member| member.tls));
-    let kernel_tls = if certificate_stores.is_empty() {
-        Err("no listener has TLS".to_string())
-    } else if !settings.kernel_tls {
-        Err("kernel_tls is off in [server]".to_string())
-    } else {
-        crate::tls::kernel_tls_works()
-    };
     if any_tls {
         tracing::info!("{}", crate::tls::carrier_announcement(&kernel_tls));
-    }
-    for listening in per_worker.iter_mut().flatten() {
-        listening.kernel_tls = kernel_tls.is_ok() && listening.tls.is_some();
     }
     let (stop, stopped) = watch::channel(false);
     spawn_certificate_reloader(certificate_stores, stopped.clone()).map_err(StartError::Worker)?;
@@ -203,10 +202,16 @@ pub fn start(config: Config) -> Result<ServerHandle, StartError> {
 /// One worker's socket for one listener, and what the listener asks of its connections.
 struct Listening {
     listener: std::net::TcpListener,
-    tls: Option<tokio_rustls::TlsAcceptor>,
-    /// TLS connections go to kernel TLS after the handshake.
-    kernel_tls: bool,
+    tls: Option<TlsEntry>,
     entry: Entry,
+}
+
+/// A TLS listener's acceptor, and whether its connections go to kernel TLS after the
+/// handshake.
+#[derive(Clone)]
+struct TlsEntry {
+    acceptor: tokio_rustls::TlsAcceptor,
+    kernel: bool,
 }
 
 fn run_worker(listeners: Vec<Listening>, shared: Arc<Shared>, mut stopped: watch::Receiver<bool>) {
@@ -231,7 +236,7 @@ fn run_worker(listeners: Vec<Listening>, shared: Arc<Shared>, mut stopped: watch
             };
             tokio::spawn(accept_loop(
                 listener,
-                listening.tls.map(|tls| (tls, listening.kernel_tls)),
+                listening.tls,
                 listening.entry,
                 Arc::clone(&shared),
             ));
@@ -242,7 +247,7 @@ fn run_worker(listeners: Vec<Listening>, shared: Arc<Shared>, mut stopped: watch
 
 async fn accept_loop(
     listener: tokio::net::TcpListener,
-    tls: Option<(tokio_rustls::TlsAcceptor, bool)>,
+    tls: Option<TlsEntry>,
     entry: Entry,
     shared: Arc<Shared>,
 ) {
@@ -252,7 +257,7 @@ async fn accept_loop(
                 shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
                 let _ = stream.set_nodelay(true);
                 let shared = Arc::clone(&shared);
-                let Some((acceptor, kernel_tls)) = tls.clone() else {
+                let Some(TlsEntry { acceptor, kernel }) = tls.clone() else {
                     tokio::spawn(http::serve(Stream::Plain(stream), client, shared, entry));
                     continue;
                 };
@@ -260,7 +265,7 @@ async fn accept_loop(
                     let timeout = shared.settings.handshake_timeout;
                     // The tls ULP joins only an established socket: attached now, it passes
                     // bytes through untouched until the keys are set after the handshake.
-                    let kernel_tls = kernel_tls
+                    let kernel_tls = kernel
                         && crate::sys::ktls_attach(std::os::fd::AsFd::as_fd(&stream)).is_ok();
                     let handshake = async {
                         if kernel_tls {
