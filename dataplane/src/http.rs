@@ -374,8 +374,7 @@ async fn open_member(member: &Member, settings: &ServerSettings) -> Result<Strea
     let Some(tls) = &member.tls else {
         return Ok(Stream::Plain(stream));
     };
-    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::clone(&tls.config));
-    match connector.connect(tls.server_name.clone(), stream).await {
+    match tls.connector.connect(tls.server_name.clone(), stream).await {
         Ok(stream) => Ok(Stream::Tls(Box::new(stream.into()))),
         Err(error) => Err(format!("{}: TLS: {error}", member.url)),
     }

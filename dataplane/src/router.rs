@@ -10,14 +10,22 @@ use crate::config::{Config, LbMethod};
 pub struct Member {
     pub url: String,
     pub address: SocketAddr,
-    /// wss://: the client configuration and the name the certificate must carry.
+    /// wss://: the cluster's TLS client and the name the certificate must carry.
     pub tls: Option<MemberTls>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct MemberTls {
-    pub config: Arc<rustls::ClientConfig>,
+    pub connector: tokio_rustls::TlsConnector,
     pub server_name: rustls::pki_types::ServerName<'static>,
+}
+
+impl std::fmt::Debug for MemberTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemberTls")
+            .field("server_name", &self.server_name)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug)]
@@ -48,19 +56,19 @@ impl Router {
         let mut clusters = Vec::new();
         for cluster in &config.clusters {
             let weights: Vec<u32> = cluster.members.iter().map(|m| m.weight).collect();
-            let client_config = if cluster.members.iter().any(|m| m.tls) {
-                Some(
+            let connector = if cluster.members.iter().any(|m| m.tls) {
+                Some(tokio_rustls::TlsConnector::from(
                     crate::tls::client_config(&cluster.member_tls)
                         .map_err(|error| format!("cluster {}: {error}", cluster.name))?,
-                )
+                ))
             } else {
                 None
             };
             let mut members = Vec::new();
             for member in &cluster.members {
-                let tls = match (&client_config, member.tls) {
-                    (Some(config), true) => Some(MemberTls {
-                        config: Arc::clone(config),
+                let tls = match (&connector, member.tls) {
+                    (Some(connector), true) => Some(MemberTls {
+                        connector: connector.clone(),
                         server_name: crate::tls::member_server_name(&member.host)?,
                     }),
                     _ => None,
