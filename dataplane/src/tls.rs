@@ -350,6 +350,37 @@ pub fn ktls_direction(
     })
 }
 
+/// Gives a finished rustls connection's keys, both directions, to kernel TLS on `socket`
+/// (the tls ULP already attached). Nothing rustls would still send or has buffered may be
+/// pending: TLS 1.3 tickets go out before, key updates after are refused.
+pub fn hand_keys_to_kernel(
+    connection: rustls::Connection,
+    socket: std::os::fd::BorrowedFd,
+) -> io::Result<()> {
+    let version = connection
+        .protocol_version()
+        .ok_or_else(|| io::Error::other("no TLS version after the handshake"))?;
+    #[allow(deprecated)] // tickets are sent before; key updates are refused
+    let secrets = match connection {
+        rustls::Connection::Client(client) => client.dangerous_extract_secrets(),
+        rustls::Connection::Server(server) => server.dangerous_extract_secrets(),
+    }
+    .map_err(io::Error::other)?;
+    let tx = ktls_direction(version, secrets.tx).map_err(io::Error::other)?;
+    let rx = ktls_direction(version, secrets.rx).map_err(io::Error::other)?;
+    crate::sys::ktls_set(socket, true, &tx)?;
+    crate::sys::ktls_set(socket, false, &rx)
+}
+
+/// What a connection has to send, as TLS records.
+fn pending_records(connection: &mut rustls::ServerConnection) -> io::Result<Vec<u8>> {
+    let mut records = Vec::new();
+    while connection.wants_write() {
+        connection.write_tls(&mut records)?;
+    }
+    Ok(records)
+}
+
 /// The largest TLS record a peer may send: 2^14 bytes of plaintext plus expansion.
 const MAX_RECORD: usize = (1 << 14) + 2048;
 
@@ -365,11 +396,7 @@ pub async fn handshake_whole_records(
     let mut connection = rustls::ServerConnection::new(config).map_err(io::Error::other)?;
     let mut record = Vec::with_capacity(MAX_RECORD + 5);
     loop {
-        let mut outgoing = Vec::new();
-        while connection.wants_write() {
-            connection.write_tls(&mut outgoing)?;
-        }
-        stream.write_all(&outgoing).await?;
+        stream.write_all(&pending_records(&mut connection)?).await?;
         if !connection.is_handshaking() {
             return Ok(connection);
         }
@@ -392,11 +419,7 @@ pub async fn handshake_whole_records(
         }
         if let Err(error) = connection.process_new_packets() {
             // The alert rustls queued goes out before the connection does.
-            let mut alert = Vec::new();
-            while connection.wants_write() {
-                connection.write_tls(&mut alert)?;
-            }
-            let _ = stream.write_all(&alert).await;
+            let _ = stream.write_all(&pending_records(&mut connection)?).await;
             return Err(io::Error::new(io::ErrorKind::InvalidData, error));
         }
     }
@@ -457,17 +480,7 @@ impl KtlsStream {
     /// client may have half-closed by the end of the handshake).
     pub fn install(connection: rustls::ServerConnection, socket: TcpStream) -> io::Result<Self> {
         use std::os::fd::AsFd;
-        let version = connection
-            .protocol_version()
-            .ok_or_else(|| io::Error::other("no TLS version after the handshake"))?;
-        #[allow(deprecated)] // the server sent its tickets already; key updates are refused
-        let secrets = connection
-            .dangerous_extract_secrets()
-            .map_err(io::Error::other)?;
-        let tx = ktls_direction(version, secrets.tx).map_err(io::Error::other)?;
-        let rx = ktls_direction(version, secrets.rx).map_err(io::Error::other)?;
-        crate::sys::ktls_set(socket.as_fd(), true, &tx)?;
-        crate::sys::ktls_set(socket.as_fd(), false, &rx)?;
+        hand_keys_to_kernel(connection.into(), socket.as_fd())?;
         Ok(KtlsStream {
             socket,
             closed_by_peer: false,

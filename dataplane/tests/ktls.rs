@@ -28,19 +28,9 @@ fn finish_handshake(conn: &mut rustls::Connection, socket: &mut TcpStream) {
 }
 
 /// Moves a finished rustls connection's keys into kernel TLS on `socket`.
-#[allow(deprecated)] // dangerous_extract_secrets: no tickets or key updates happen here
 fn install(conn: rustls::Connection, socket: &TcpStream) {
-    let version = conn.protocol_version().unwrap();
-    let secrets = match conn {
-        rustls::Connection::Client(c) => c.dangerous_extract_secrets(),
-        rustls::Connection::Server(s) => s.dangerous_extract_secrets(),
-    }
-    .unwrap();
-    let tx = wsplice::tls::ktls_direction(version, secrets.tx).unwrap();
-    let rx = wsplice::tls::ktls_direction(version, secrets.rx).unwrap();
     wsplice::sys::ktls_attach(socket.as_fd()).expect("attach the tls ULP");
-    wsplice::sys::ktls_set(socket.as_fd(), true, &tx).expect("TLS_TX");
-    wsplice::sys::ktls_set(socket.as_fd(), false, &rx).expect("TLS_RX");
+    wsplice::tls::hand_keys_to_kernel(conn, socket.as_fd()).expect("TLS_TX and TLS_RX");
     assert_eq!(wsplice::sys::tcp_ulp(socket.as_fd()).unwrap(), "tls");
 }
 
