@@ -156,19 +156,8 @@ fn a_slow_reader_holds_bounded_memory(mode: DataplaneMode) {
             offset
         })
     };
-    // Held by wsplice and its kernel = bytes its client-side socket acked - bytes the member
-    // has taken (read or in its own receive queue). Sample it while the writer pushes.
-    let mut peak = 0u64;
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while Instant::now() < deadline {
-        thread::sleep(Duration::from_millis(20));
-        let acked = wsplice::sys::tcp_info(std::os::fd::AsFd::as_fd(&stream))
-            .unwrap()
-            .bytes_acked
-            - base_acked;
-        let taken = members[0].taken.load(Ordering::SeqCst);
-        peak = peak.max(acked.saturating_sub(taken));
-    }
+    // Sampled while the writer pushes.
+    let peak = peak_held(&stream, base_acked, &members[0], Duration::from_secs(3));
     let pushed = writer.join().unwrap();
     eprintln!(
         "{mode:?}: client pushed {pushed} bytes in 3 s; peak held by wsplice {peak} bytes (bound {BOUND})"

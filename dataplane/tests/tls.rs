@@ -439,19 +439,13 @@ fn wss_slow_reader_holds_bounded_memory() {
         writer.shutdown_write().unwrap();
         offset
     });
-    // Held by wsplice and its kernel = ciphertext its socket acked (a little more than the
-    // payload) - bytes the member has taken.
-    let mut peak = 0u64;
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while Instant::now() < deadline {
-        thread::sleep(Duration::from_millis(20));
-        let acked = wsplice::sys::tcp_info(std::os::fd::AsFd::as_fd(&client.socket))
-            .unwrap()
-            .bytes_acked
-            - base_acked;
-        let taken = members[0].taken.load(Ordering::SeqCst);
-        peak = peak.max(acked.saturating_sub(taken));
-    }
+    // The client's socket acks ciphertext, a little more than the payload.
+    let peak = peak_held(
+        &client.socket,
+        base_acked,
+        &members[0],
+        Duration::from_secs(3),
+    );
     let pushed = pusher.join().unwrap();
     eprintln!(
         "wss: client pushed {pushed} bytes; peak held by wsplice {peak} bytes (bound {BOUND})"

@@ -828,3 +828,21 @@ pub fn race_plans(seed: u64, count: u64) -> Vec<ClientPlan> {
         })
         .collect()
 }
+
+/// The most bytes wsplice and its kernel held during `during`, sampled every 20 ms while a
+/// client pushes through `client` to `member`: bytes the client's socket got acked (since
+/// `base_acked`) less bytes the member has taken (read, or in its own receive queue).
+pub fn peak_held(client: &TcpStream, base_acked: u64, member: &Member, during: Duration) -> u64 {
+    let mut peak = 0u64;
+    let deadline = Instant::now() + during;
+    while Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+        let acked = wsplice::sys::tcp_info(std::os::fd::AsFd::as_fd(client))
+            .unwrap()
+            .bytes_acked
+            - base_acked;
+        let taken = member.taken.load(Ordering::SeqCst);
+        peak = peak.max(acked.saturating_sub(taken));
+    }
+    peak
+}
