@@ -1,9 +1,10 @@
 //! Picks the carrier for an established pair and prepares the hand-over: forwards the bytes
-//! each side sent along with its handshake, then gives the pair to the sockmap or to the
-//! userspace relay. Bytes still queued on a socket, even a partly read skb, are the verdict's:
+//! each side sent along with its handshake, then gives the pair to the sockmap (plain legs),
+//! to the splice carrier (a kernel TLS leg) or to the userspace relay. Bytes still queued on a socket, even a partly read skb, are the verdict's:
 //! it starts at the socket's copied_seq and trims what userspace already read.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -13,7 +14,8 @@ use tokio::net::TcpStream;
 use crate::balancer::Lease;
 use crate::config::{DataplaneMode, ServerSettings};
 use crate::offload::{Pair, Sockmap};
-use crate::relay;
+use crate::relay::{self, RelayStats};
+use crate::splice::{Leg, SpliceCarrier, SplicePair};
 use crate::tls::Stream;
 
 /// How a ws:// pair is carried once established.
@@ -36,15 +38,27 @@ impl Carrier {
 #[derive(Debug)]
 pub struct Dataplane {
     sockmap: Option<Sockmap>,
+    splice: Option<SpliceCarrier>,
+    pub relay_stats: RelayStats,
+    /// Bytes that came with a handshake (after the request, after the 101) and were forwarded
+    /// before the carrier took the pair.
+    pub handover_bytes: AtomicU64,
     max_buffered: u64,
     handover_timeout: Duration,
-    /// The start-up line naming what carries each kind of pair.
+    /// The start-up line naming what carries ws<->ws pairs.
     pub announcement: String,
+    /// The start-up line naming what carries pairs with a TLS leg.
+    pub tls_announcement: String,
 }
 
 impl Dataplane {
-    /// Loads the kernel path per `settings.dataplane`; `auto` falls back with a reason.
-    pub fn start(settings: &ServerSettings, max_pairs: u32) -> Result<Dataplane, String> {
+    /// Loads the kernel path per `settings.dataplane`; `auto` falls back with a reason. With
+    /// kernel TLS on the listeners, starts the splice carrier for their pairs.
+    pub fn start(
+        settings: &ServerSettings,
+        max_pairs: u32,
+        kernel_tls: &Result<(), String>,
+    ) -> Result<Dataplane, String> {
         let (sockmap, announcement) = match settings.dataplane {
             DataplaneMode::Userspace => (
                 None,
@@ -69,8 +83,35 @@ impl Dataplane {
                 ),
             },
         };
+        let (splice, tls_announcement) = match kernel_tls {
+            Ok(()) => match SpliceCarrier::start() {
+                Ok(splice) => (
+                    Some(splice),
+                    "dataplane: pairs with a TLS leg: kernel TLS + splice through pipes driven by \
+                     io_uring (payload stays in the kernel); rustls relay for wss:// members"
+                        .to_string(),
+                ),
+                Err(why) => (
+                    None,
+                    format!(
+                        "dataplane: pairs with a TLS leg: kernel TLS, the relay copies plaintext, \
+                         because {why}"
+                    ),
+                ),
+            },
+            Err(why) => (
+                None,
+                format!(
+                    "dataplane: pairs with a TLS leg: rustls relay in userspace, because {why}"
+                ),
+            ),
+        };
         Ok(Dataplane {
             sockmap,
+            splice,
+            relay_stats: RelayStats::default(),
+            handover_bytes: AtomicU64::new(0),
+            tls_announcement,
             max_buffered: settings.max_buffered_per_direction,
             handover_timeout: settings.handshake_timeout,
             announcement,
@@ -89,6 +130,11 @@ impl Dataplane {
         self.sockmap.as_ref()
     }
 
+    /// The splice carrier, when kernel TLS and io_uring are both there.
+    pub fn splice(&self) -> Option<&SpliceCarrier> {
+        self.splice.as_ref()
+    }
+
     /// Carries an upgraded pair until both sides have closed.
     pub async fn carry(
         self: Arc<Self>,
@@ -104,7 +150,11 @@ impl Dataplane {
         })
         .await;
         match forwarded {
-            Ok(Ok(())) => {}
+            Ok(Ok(())) => {
+                let early = client_early.len() + member_early.len();
+                self.handover_bytes
+                    .fetch_add(early as u64, Ordering::Relaxed);
+            }
             Ok(Err(error)) => {
                 tracing::debug!("pair closed during hand-over: {error}");
                 return;
@@ -126,10 +176,27 @@ impl Dataplane {
                     },
                     None => (client, member, lease),
                 };
-                relay::carry(client, member, lease).await
+                relay::carry(client, member, lease, &self.relay_stats).await
             }
-            // A TLS leg: rustls encrypts and decrypts in userspace.
-            (client, member) => relay::carry(client, member, lease).await,
+            (client @ Stream::Ktls(_), member) | (client, member @ Stream::Ktls(_))
+                if self.splice.is_some() && !matches!(member, Stream::Tls(_)) =>
+            {
+                if let Some(splice) = &self.splice {
+                    match (into_leg(client), into_leg(member)) {
+                        (Ok(client), Ok(member)) => splice.carry(SplicePair {
+                            client,
+                            member,
+                            lease,
+                        }),
+                        _ => tracing::warn!(
+                            "cannot take the sockets out of the reactor; pair closed"
+                        ),
+                    }
+                }
+                return;
+            }
+            // A rustls leg: rustls encrypts and decrypts in userspace.
+            (client, member) => relay::carry(client, member, lease, &self.relay_stats).await,
         };
         if let Err(error) = outcome {
             tracing::debug!("relayed pair ended with {error}");
@@ -168,5 +235,25 @@ impl Dataplane {
                 }
             }
         })
+    }
+}
+
+/// A plain or kernel TLS stream as the splice carrier takes it (out of tokio's reactor).
+fn into_leg(stream: Stream) -> std::io::Result<Leg> {
+    match stream {
+        Stream::Plain(socket) => Ok(Leg {
+            socket: socket.into_std()?,
+            kernel_tls: false,
+            ended: false,
+        }),
+        Stream::Ktls(stream) => {
+            let (socket, ended) = stream.into_parts();
+            Ok(Leg {
+                socket: socket.into_std()?,
+                kernel_tls: true,
+                ended,
+            })
+        }
+        Stream::Tls(_) => Err(std::io::Error::other("a rustls stream cannot be spliced")),
     }
 }

@@ -15,5 +15,6 @@ pub mod offload;
 pub mod relay;
 pub mod router;
 pub mod server;
+pub mod splice;
 pub mod sys;
 pub mod tls;

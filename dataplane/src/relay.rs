@@ -4,8 +4,11 @@
 //! close_notify and FIN) is passed on only after its last byte.
 
 use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use crate::balancer::Lease;
 
@@ -22,12 +25,75 @@ where
     tokio::io::copy_bidirectional_with_sizes(client, member, RELAY_BUFFER, RELAY_BUFFER).await
 }
 
+/// Counters for metrics and tests.
+#[derive(Debug, Default)]
+pub struct RelayStats {
+    /// Pairs relayed since start.
+    pub pairs: AtomicU64,
+    /// Bytes read into userspace by the relay (each is written out once).
+    pub relayed_bytes: AtomicU64,
+}
+
+/// A stream whose reads add to the relay's byte counter as they happen.
+struct Counted<'a, S> {
+    stream: S,
+    relayed: &'a AtomicU64,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<'_, S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.stream).poll_read(cx, buf);
+        let read = buf.filled().len() - before;
+        this.relayed.fetch_add(read as u64, Ordering::Relaxed);
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<'_, S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
+
 /// Carries bytes both ways until both sides have closed, then closes both.
-pub async fn carry<C, M>(mut client: C, mut member: M, lease: Lease) -> io::Result<(u64, u64)>
+pub async fn carry<C, M>(
+    client: C,
+    member: M,
+    lease: Lease,
+    stats: &RelayStats,
+) -> io::Result<(u64, u64)>
 where
     C: AsyncRead + AsyncWrite + Unpin,
     M: AsyncRead + AsyncWrite + Unpin,
 {
+    stats.pairs.fetch_add(1, Ordering::Relaxed);
+    let relayed = &stats.relayed_bytes;
+    let mut client = Counted {
+        stream: client,
+        relayed,
+    };
+    let mut member = Counted {
+        stream: member,
+        relayed,
+    };
     let result = copy_pair(&mut client, &mut member).await;
     if result.is_err() {
         // One side failed: end the other now instead of leaving it half open.

@@ -104,7 +104,15 @@ fn reuseport_listener(
 pub fn start(config: Config) -> Result<ServerHandle, StartError> {
     let settings = config.server.clone();
     let max_pairs = (crate::sys::open_files_limit() / 2).clamp(64, 1 << 22) as u32;
-    let dataplane = Dataplane::start(&settings, max_pairs).map_err(StartError::Dataplane)?;
+    let kernel_tls = if !config.listeners.iter().any(|l| l.tls.is_some()) {
+        Err("no listener has TLS".to_string())
+    } else if !settings.kernel_tls {
+        Err("kernel_tls is off in [server]".to_string())
+    } else {
+        crate::tls::kernel_tls_works()
+    };
+    let dataplane =
+        Dataplane::start(&settings, max_pairs, &kernel_tls).map_err(StartError::Dataplane)?;
     if settings.dataplane == DataplaneMode::Auto && dataplane.carrier() == Carrier::Userspace {
         tracing::warn!("{}", dataplane.announcement); // a fallback: say why, once
     } else {
@@ -115,13 +123,6 @@ pub fn start(config: Config) -> Result<ServerHandle, StartError> {
     let mut addresses = Vec::new();
     let mut per_worker: Vec<Vec<Listening>> = (0..settings.workers).map(|_| Vec::new()).collect();
     let mut certificate_stores = Vec::new();
-    let kernel_tls = if !config.listeners.iter().any(|l| l.tls.is_some()) {
-        Err("no listener has TLS".to_string())
-    } else if !settings.kernel_tls {
-        Err("kernel_tls is off in [server]".to_string())
-    } else {
-        crate::tls::kernel_tls_works()
-    };
     for listener in &config.listeners {
         let tls = match &listener.tls {
             Some(tls) => {
@@ -170,7 +171,7 @@ pub fn start(config: Config) -> Result<ServerHandle, StartError> {
             .iter()
             .any(|cluster| cluster.members.iter().any(|member| member.tls));
     if any_tls {
-        tracing::info!("{}", crate::tls::carrier_announcement(&kernel_tls));
+        tracing::info!("{}", dataplane.tls_announcement);
     }
     let (stop, stopped) = watch::channel(false);
     spawn_certificate_reloader(certificate_stores, stopped.clone()).map_err(StartError::Worker)?;

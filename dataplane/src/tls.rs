@@ -439,18 +439,6 @@ pub fn kernel_tls_works() -> Result<(), String> {
     })
 }
 
-/// The start-up line naming what carries pairs with a TLS leg.
-pub fn carrier_announcement(kernel_tls: &Result<(), String>) -> String {
-    match kernel_tls {
-        Ok(()) => "dataplane: pairs with a TLS leg: kernel TLS on listeners (the kernel \
-                   encrypts and decrypts; the relay copies plaintext), rustls for wss:// members"
-            .to_string(),
-        Err(why) => {
-            format!("dataplane: pairs with a TLS leg: rustls relay in userspace, because {why}")
-        }
-    }
-}
-
 /// The name a wss:// member is verified against and sent as SNI: the url's host.
 pub fn member_server_name(host: &str) -> Result<ServerName<'static>, String> {
     let host = host.trim_start_matches('[').trim_end_matches(']');
@@ -485,6 +473,11 @@ impl KtlsStream {
             socket,
             closed_by_peer: false,
         })
+    }
+
+    /// The socket, and whether the peer's close_notify was already read.
+    pub fn into_parts(self) -> (TcpStream, bool) {
+        (self.socket, self.closed_by_peer)
     }
 }
 

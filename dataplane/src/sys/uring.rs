@@ -170,3 +170,80 @@ pub fn relay(a: &TcpStream, b: &TcpStream, copy: Copy) -> io::Result<(u64, u64)>
         }
     }
 }
+
+/// An io_uring that carries only fd operations (poll and splice): no submission points into
+/// userspace memory, so pushing one is safe whatever the caller does afterwards. The caller
+/// keeps each fd open until its operation's completion is reaped, so a number the kernel has
+/// not looked up yet is never reused for another file.
+pub struct FdRing {
+    ring: IoUring,
+}
+
+impl std::fmt::Debug for FdRing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FdRing").finish_non_exhaustive()
+    }
+}
+
+impl FdRing {
+    pub fn new(entries: u32) -> io::Result<FdRing> {
+        Ok(FdRing {
+            ring: IoUring::new(entries)?,
+        })
+    }
+
+    fn push(&mut self, entry: io_uring::squeue::Entry) -> io::Result<()> {
+        if self.ring.submission().is_full() {
+            self.ring.submit()?;
+        }
+        // SAFETY: poll and splice entries hold fds, lengths and flags only, no pointer into
+        // this process's memory, so nothing the kernel reads later can dangle.
+        unsafe { self.ring.submission().push(&entry) }
+            .map_err(|_| io::Error::other("io_uring submission queue full"))
+    }
+
+    /// One-shot poll for `events` (POLLIN, POLLOUT...); completes with the ready mask.
+    pub fn poll(&mut self, tag: u64, fd: RawFd, events: u32) -> io::Result<()> {
+        self.push(
+            opcode::PollAdd::new(types::Fd(fd), events)
+                .build()
+                .user_data(tag),
+        )
+    }
+
+    /// splice(2) of up to `len` bytes from `from` to `to` (one of them a pipe); completes with
+    /// the count moved, 0 at the source's end, or -errno.
+    pub fn splice(
+        &mut self,
+        tag: u64,
+        from: RawFd,
+        to: RawFd,
+        len: u32,
+        nonblocking: bool,
+    ) -> io::Result<()> {
+        let mut flags = libc::SPLICE_F_MOVE;
+        if nonblocking {
+            flags |= libc::SPLICE_F_NONBLOCK;
+        }
+        self.push(
+            opcode::Splice::new(types::Fd(from), -1, types::Fd(to), -1, len)
+                .flags(flags)
+                .build()
+                .user_data(tag),
+        )
+    }
+
+    /// Submits what was pushed and waits until at least one completion is there.
+    pub fn submit_and_wait(&mut self) -> io::Result<()> {
+        match self.ring.submit_and_wait(1) {
+            Ok(_) => Ok(()),
+            Err(error) if error.raw_os_error() == Some(libc::EINTR) => Ok(()),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Moves the completions (tag, result) into `into`.
+    pub fn reap(&mut self, into: &mut Vec<(u64, i32)>) {
+        into.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+    }
+}

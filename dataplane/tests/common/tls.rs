@@ -92,13 +92,25 @@ impl Ca {
 /// A client configuration trusting `cas`, TLS 1.2 and 1.3, ALPN http/1.1, every handshake a
 /// full one (a resumed session would show the certificate it began with).
 pub fn client_config(cas: &[&Ca]) -> Arc<ClientConfig> {
+    client_config_offering(cas, rustls::DEFAULT_VERSIONS, None)
+}
+
+/// `client_config`, offering only `versions` and, when given, one cipher suite.
+pub fn client_config_offering(
+    cas: &[&Ca],
+    versions: &[&'static rustls::SupportedProtocolVersion],
+    suite: Option<rustls::SupportedCipherSuite>,
+) -> Arc<ClientConfig> {
     let mut roots = RootCertStore::empty();
     for ca in cas {
         roots.add(ca.der()).unwrap();
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
+    let mut provider = rustls::crypto::ring::default_provider();
+    if let Some(suite) = suite {
+        provider.cipher_suites = vec![suite];
+    }
+    let mut config = ClientConfig::builder_with_provider(Arc::new(provider))
+        .with_protocol_versions(versions)
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
