@@ -80,6 +80,8 @@ enum Target {
     Direct,
     WspliceSockmap,
     WspliceUserspace,
+    /// wss:// with kernel TLS + splice (only where the kernel has kernel TLS: the VM).
+    WspliceKernelTls,
     Haproxy,
     Nginx,
     Apache,
@@ -100,6 +102,7 @@ impl Target {
             Target::Direct => "direct (no proxy)",
             Target::WspliceSockmap => "wsplice sockmap",
             Target::WspliceUserspace => "wsplice userspace",
+            Target::WspliceKernelTls => "wsplice kernel TLS",
             Target::Haproxy => "HAProxy",
             Target::Nginx => "nginx",
             Target::Apache => "Apache httpd",
@@ -276,7 +279,7 @@ fn start_target(
         .collect();
     match target {
         Target::Direct => return Ok(None),
-        Target::WspliceSockmap | Target::WspliceUserspace => {
+        Target::WspliceSockmap | Target::WspliceUserspace | Target::WspliceKernelTls => {
             command.arg(root().join("target/release/wsplice")).args([
                 "run",
                 "--listen",
@@ -297,6 +300,9 @@ fn start_target(
             ]);
             for member in &members {
                 command.args(["--member", member]);
+            }
+            if target == Target::WspliceKernelTls {
+                command.arg("--kernel-tls");
             }
             if let Some(tls) = tls {
                 command
@@ -758,6 +764,9 @@ fn summarize(scenario: Scenario, name: &str, target: Target, samples: Vec<Sample
     }
 }
 
+/// Marks the result lines on the VM's console (`cargo xtask bench --vm` collects them).
+const VM_RESULT_PREFIX: &str = "WSPLICE-RESULT ";
+
 fn main() -> Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
     let runs = if quick { 1 } else { 3 };
@@ -765,6 +774,8 @@ fn main() -> Result<()> {
     let flag = |name: &str| std::env::args().skip_while(|a| a != name).nth(1);
     let only = flag("--only");
     let only_scenario = flag("--scenario");
+    // Inside the VM (`cargo xtask bench --vm`): the rustls relay against kernel TLS + splice.
+    let kernel_tls_vm = std::env::args().any(|a| a == "--kernel-tls-vm");
     // Loopback is the default; --netns (experimental: veth costs every target a lot, and
     // HAProxy's handshake rate collapses there for a reason not yet understood) gives the
     // proxy's receive processing its own core.
@@ -827,10 +838,26 @@ fn main() -> Result<()> {
     };
     let work_dir = std::env::temp_dir().join(format!("wsplice-bench-{}", std::process::id()));
     let bench_tls = BenchTls::new(&work_dir.join("tls"))?;
-    let cases = scenarios
+    let cases: Vec<(Scenario, bool)> = if kernel_tls_vm {
+        [
+            Scenario::Throughput { size: 64 * 1024 },
+            Scenario::Throughput { size: 4 * 1024 },
+        ]
         .into_iter()
-        .map(|scenario| (scenario, false))
-        .chain(wss_scenarios.into_iter().map(|scenario| (scenario, true)));
+        .map(|scenario| (scenario, true))
+        .collect()
+    } else {
+        scenarios
+            .into_iter()
+            .map(|scenario| (scenario, false))
+            .chain(wss_scenarios.into_iter().map(|scenario| (scenario, true)))
+            .collect()
+    };
+    let targets: &[Target] = if kernel_tls_vm {
+        &[Target::WspliceUserspace, Target::WspliceKernelTls]
+    } else {
+        &Target::ALL
+    };
     let mut rows = Vec::new();
     for (scenario, wss) in cases {
         let name = if wss {
@@ -842,7 +869,7 @@ fn main() -> Result<()> {
             continue;
         }
         let tls = wss.then_some(&bench_tls);
-        for target in Target::ALL {
+        for &target in targets {
             // Balancing needs a balancer; the members speak ws:// only.
             let balancing = matches!(scenario, Scenario::Balance { .. });
             if !matches(&only, target.name()) || ((balancing || wss) && target == Target::Direct) {
@@ -924,41 +951,48 @@ fn main() -> Result<()> {
     if topology.netns.is_some() {
         tear_down_netns();
     }
-    let partial = only.is_some() || only_scenario.is_some();
-    write_results(&rows, quick, partial, runs, seconds, topology)
+    // Only a full, unfiltered run replaces the published results.
+    let name = if kernel_tls_vm {
+        "vm-kernel-tls"
+    } else if quick || only.is_some() || only_scenario.is_some() {
+        "partial"
+    } else {
+        "latest"
+    };
+    write_results(&rows, name, quick, runs, seconds, topology)
 }
 
+/// Writes bench/results/NAME.{json,md} and prints the markdown; in the VM, whose files do
+/// not outlive it, each line goes to the console with a prefix the host collects.
 fn write_results(
     rows: &[Row],
+    name: &str,
     quick: bool,
-    partial: bool,
     runs: usize,
     seconds: u64,
     topology: Topology,
 ) -> Result<()> {
     let dir = root().join("bench/results");
     std::fs::create_dir_all(&dir)?;
-    // Only a full, unfiltered run replaces the published results.
-    let name = if quick || partial {
-        "partial"
-    } else {
-        "latest"
-    };
     std::fs::write(
         dir.join(format!("{name}.json")),
         serde_json::to_string_pretty(rows)?,
     )?;
     let mut markdown = format!(
-        "# wsplice benchmark results\n\n`cargo xtask bench{}{}`: {runs} run(s) of {seconds} s per target and \
+        "# wsplice benchmark results\n\n`cargo xtask bench{}{}{}`: {runs} run(s) of {seconds} s per target and \
          scenario, a fresh proxy per run, proxy pinned to core 0, load and echo members on core 1; {}. \
          Machine: {} cores, kernel {}.\n",
         if quick { " --quick" } else { "" },
+        if name == "vm-kernel-tls" { " --vm" } else { "" },
         if topology.netns.is_some() {
             " --netns"
         } else {
             ""
         },
-        if topology.netns.is_some() {
+        if name == "vm-kernel-tls" {
+            "everything on loopback inside the test VM (Debian's stock kernel under qemu, an \
+             emulated CPU under TCG: compare the rows with each other, not with the host's)"
+        } else if topology.netns.is_some() {
             "the proxy in its own network namespace behind a veth pair, receive processing for the \
              proxy side steered to core 0 (RPS) and for the load side to core 1"
         } else {
@@ -1005,6 +1039,12 @@ fn write_results(
         ));
     }
     std::fs::write(dir.join(format!("{name}.md")), &markdown)?;
-    println!("{markdown}");
+    if name == "vm-kernel-tls" {
+        for line in markdown.lines() {
+            println!("{VM_RESULT_PREFIX}{line}");
+        }
+    } else {
+        println!("{markdown}");
+    }
     Ok(())
 }

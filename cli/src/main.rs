@@ -59,9 +59,13 @@ struct RunArgs {
     /// Worker threads (default: one per core).
     #[arg(long)]
     workers: Option<usize>,
-    /// auto (default), sockmap or userspace.
+    /// auto (default), sockmap, splice or userspace.
     #[arg(long)]
     dataplane: Option<String>,
+    /// Hand TLS listeners' connections to kernel TLS where the kernel has it (as
+    /// `kernel_tls = true` in [server]).
+    #[arg(long)]
+    kernel_tls: bool,
 }
 
 fn init_logging() {
@@ -87,6 +91,9 @@ fn apply_overrides(config: &mut Config, args: &RunArgs) -> Result<(), String> {
             return Err("command line: --workers must be between 1 and 1024".into());
         }
         config.server.workers = workers;
+    }
+    if args.kernel_tls {
+        config.server.kernel_tls = true;
     }
     if let Some(mode) = &args.dataplane {
         config.server.dataplane = DataplaneMode::parse(mode)

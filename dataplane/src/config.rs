@@ -73,6 +73,8 @@ pub enum DataplaneMode {
     /// sockmap where the kernel allows it, userspace relay otherwise.
     Auto,
     Sockmap,
+    /// splice(2) through pipes driven by io_uring: no copy into userspace, no BPF.
+    Splice,
     Userspace,
 }
 
@@ -81,9 +83,10 @@ impl DataplaneMode {
         match text {
             "auto" => Ok(DataplaneMode::Auto),
             "sockmap" => Ok(DataplaneMode::Sockmap),
+            "splice" => Ok(DataplaneMode::Splice),
             "userspace" => Ok(DataplaneMode::Userspace),
             other => Err(format!(
-                "unknown dataplane {other:?} (expected auto, sockmap or userspace)"
+                "unknown dataplane {other:?} (expected auto, sockmap, splice or userspace)"
             )),
         }
     }

@@ -22,6 +22,7 @@ use crate::tls::Stream;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Carrier {
     Sockmap,
+    Splice,
     Userspace,
 }
 
@@ -29,6 +30,7 @@ impl Carrier {
     pub fn name(self) -> &'static str {
         match self {
             Carrier::Sockmap => "sockmap",
+            Carrier::Splice => "splice",
             Carrier::Userspace => "userspace",
         }
     }
@@ -38,7 +40,10 @@ impl Carrier {
 #[derive(Debug)]
 pub struct Dataplane {
     sockmap: Option<Sockmap>,
+    /// Carries pairs with a kernel TLS leg, and ws<->ws pairs in splice mode.
     splice: Option<SpliceCarrier>,
+    /// What carries ws<->ws pairs.
+    plain_carrier: Carrier,
     pub relay_stats: RelayStats,
     /// Bytes that came with a handshake (after the request, after the 101) and were forwarded
     /// before the carrier took the pair.
@@ -59,11 +64,24 @@ impl Dataplane {
         max_pairs: u32,
         kernel_tls: &Result<(), String>,
     ) -> Result<Dataplane, String> {
+        let mut splice = None;
         let (sockmap, announcement) = match settings.dataplane {
             DataplaneMode::Userspace => (
                 None,
                 "dataplane: ws<->ws pairs: userspace relay (--dataplane userspace)".to_string(),
             ),
+            DataplaneMode::Splice => {
+                splice = Some(
+                    SpliceCarrier::start()
+                        .map_err(|reason| format!("--dataplane splice: {reason}"))?,
+                );
+                (
+                    None,
+                    "dataplane: ws<->ws pairs: splice through pipes driven by io_uring \
+                     (--dataplane splice)"
+                        .to_string(),
+                )
+            }
             DataplaneMode::Sockmap => {
                 let sockmap = Sockmap::load(max_pairs)
                     .map_err(|reason| format!("--dataplane sockmap: {reason}"))?;
@@ -83,32 +101,40 @@ impl Dataplane {
                 ),
             },
         };
-        let (splice, tls_announcement) = match kernel_tls {
-            Ok(()) => match SpliceCarrier::start() {
-                Ok(splice) => (
-                    Some(splice),
-                    "dataplane: pairs with a TLS leg: kernel TLS + splice through pipes driven by \
-                     io_uring (payload stays in the kernel); rustls relay for wss:// members"
+        let plain_carrier = if sockmap.is_some() {
+            Carrier::Sockmap
+        } else if splice.is_some() {
+            Carrier::Splice
+        } else {
+            Carrier::Userspace
+        };
+        let tls_announcement = match kernel_tls {
+            Ok(()) => {
+                if splice.is_none() {
+                    splice = SpliceCarrier::start()
+                        .map_err(|why| {
+                            tracing::warn!("the splice carrier cannot start: {why}");
+                        })
+                        .ok();
+                }
+                match &splice {
+                    Some(_) => "dataplane: pairs with a TLS leg: kernel TLS + splice through \
+                                pipes driven by io_uring (payload stays in the kernel); rustls \
+                                relay for wss:// members"
                         .to_string(),
-                ),
-                Err(why) => (
-                    None,
-                    format!(
-                        "dataplane: pairs with a TLS leg: kernel TLS, the relay copies plaintext, \
-                         because {why}"
-                    ),
-                ),
-            },
-            Err(why) => (
-                None,
-                format!(
-                    "dataplane: pairs with a TLS leg: rustls relay in userspace, because {why}"
-                ),
-            ),
+                    None => "dataplane: pairs with a TLS leg: kernel TLS, the relay copies \
+                             plaintext (the splice carrier could not start)"
+                        .to_string(),
+                }
+            }
+            Err(why) => {
+                format!("dataplane: pairs with a TLS leg: rustls relay in userspace, because {why}")
+            }
         };
         Ok(Dataplane {
             sockmap,
             splice,
+            plain_carrier,
             relay_stats: RelayStats::default(),
             handover_bytes: AtomicU64::new(0),
             tls_announcement,
@@ -118,12 +144,9 @@ impl Dataplane {
         })
     }
 
+    /// What carries ws<->ws pairs.
     pub fn carrier(&self) -> Carrier {
-        if self.sockmap.is_some() {
-            Carrier::Sockmap
-        } else {
-            Carrier::Userspace
-        }
+        self.plain_carrier
     }
 
     pub fn sockmap(&self) -> Option<&Sockmap> {
@@ -168,7 +191,9 @@ impl Dataplane {
             }
         }
         let outcome = match (client, member) {
-            (Stream::Plain(client), Stream::Plain(member)) => {
+            (Stream::Plain(client), Stream::Plain(member))
+                if self.plain_carrier != Carrier::Splice =>
+            {
                 let (client, member, lease) = match &self.sockmap {
                     Some(sockmap) => match self.offload(sockmap, client, member, lease) {
                         Ok(()) => return,
@@ -178,8 +203,11 @@ impl Dataplane {
                 };
                 relay::carry(client, member, lease, &self.relay_stats).await
             }
-            (client @ Stream::Ktls(_), member) | (client, member @ Stream::Ktls(_))
-                if self.splice.is_some() && !matches!(member, Stream::Tls(_)) =>
+            // Plain (splice mode) or kernel TLS legs: spliced.
+            (client, member)
+                if self.splice.is_some()
+                    && !matches!(client, Stream::Tls(_))
+                    && !matches!(member, Stream::Tls(_)) =>
             {
                 if let Some(splice) = &self.splice {
                     match (into_leg(client), into_leg(member)) {

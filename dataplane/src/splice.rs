@@ -25,6 +25,7 @@ const WAKE_TAG: u64 = u64::MAX;
 /// The largest TLS record's plaintext: room for any control record the peer sends.
 const MAX_RECORD_PLAINTEXT: usize = 1 << 14;
 const TLS_ALERT: u8 = 21;
+const TLS_HANDSHAKE: u8 = 22;
 const POLLIN: u32 = libc::POLLIN as u32;
 const POLLOUT: u32 = libc::POLLOUT as u32;
 const POLLRDHUP: u32 = libc::POLLRDHUP as u32;
@@ -203,11 +204,14 @@ impl Carrier {
 
     /// Takes the queued pairs and waits for the next wake byte; false when the front is gone.
     fn take_new_pairs(&mut self) -> bool {
-        self.wake_pending.store(false, Ordering::Release);
         let mut byte = [0u8; 64];
         if let Ok(0) | Err(_) = self.wake.read(&mut byte) {
             return false; // every sender dropped: the server has stopped
         }
+        // Cleared after the read and before draining: a pair sent after this writes again
+        // (cleared first, a byte written before the read would be taken for this round's
+        // while the flag stayed set, and no pair would ever wake the thread again).
+        self.wake_pending.store(false, Ordering::Release);
         while let Ok(pair) = self.handed.try_recv() {
             self.add(pair);
         }
@@ -476,9 +480,20 @@ fn read_control_record(source: &Leg, buffer: &mut [u8]) -> Result<Step, String> 
                 .map_err(|error| format!("reading close_notify: {error}"))?;
             Ok(Step::Ending)
         }
+        Ok(sys::KtlsRecord::Control {
+            record_type: TLS_HANDSHAKE,
+            len,
+        }) => {
+            // TLS 1.3 KeyUpdate: kernels without TLS 1.3 rekeying (6.1, 6.12) take one receive
+            // key per socket, so what follows cannot be decrypted.
+            tracing::info!(
+                "a TLS handshake message ({len} bytes, a key update) after kernel TLS took \
+                 over: this kernel cannot take the new key; pair closed after the bytes before it"
+            );
+            Err("key update".into())
+        }
         Ok(sys::KtlsRecord::Control { record_type, len }) => Err(format!(
-            "a TLS record of type {record_type} ({len} bytes) after kernel TLS took over (an \
-             alert, or a key update this kernel cannot follow)"
+            "a TLS record of type {record_type} ({len} bytes) after kernel TLS took over"
         )),
         Err(error) if error.kind() == io::ErrorKind::WouldBlock => Ok(Step::AwaitReadable),
         Err(error) => Err(format!("reading a control record: {error}")),

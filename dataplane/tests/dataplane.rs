@@ -14,7 +14,7 @@ use common::*;
 use wsplice::config::DataplaneMode;
 use wsplice::server::ServerHandle;
 
-macro_rules! in_both_modes {
+macro_rules! in_every_mode {
     ($($scenario:ident),* $(,)?) => {$(
         mod $scenario {
             #[test]
@@ -27,11 +27,16 @@ macro_rules! in_both_modes {
             fn userspace() {
                 super::$scenario(wsplice::config::DataplaneMode::Userspace);
             }
+            #[test]
+            #[ignore = "heavy: run with `cargo xtask test`"]
+            fn splice() {
+                super::$scenario(wsplice::config::DataplaneMode::Splice);
+            }
         }
     )*};
 }
 
-in_both_modes!(
+in_every_mode!(
     one_gib_each_way_through_one_connection,
     sixty_four_concurrent_connections_of_random_sizes,
     ten_thousand_close_and_half_close_races,

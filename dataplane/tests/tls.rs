@@ -225,6 +225,40 @@ fn every_suite_and_version_carries_every_byte() {
     proxy.stop();
 }
 
+/// A TLS 1.3 client that updates its keys mid-stream. The rustls relay follows it (this host).
+/// Kernel TLS on a kernel that cannot take a new receive key (6.1, the VM) passes on every
+/// byte before the update, then ends the pair with a log line: no byte it could not decrypt
+/// goes anywhere.
+#[test]
+fn a_client_key_update_mid_stream() {
+    const HALF: u64 = 300_000;
+    let pki = pki();
+    let members = start_members(1);
+    let proxy = tls_proxy(ws_urls(&members), &pki.cert, &pki.key, |_| {});
+    let config = client_config_offering(&[&pki.ca], &[&rustls::version::TLS13], None);
+    let plan = ClientPlan::simple(77, 2 * HALF, 0);
+    let request = upgrade_request(&plan);
+    let mut stream = client_with_early_request(proxy.addresses[0], config, request.as_bytes());
+    let (head, _) = read_head(&mut stream).unwrap();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let pattern = Pattern(plan.up_seed);
+    write_pattern(&mut stream, pattern, 0, HALF).unwrap();
+    stream.conn.refresh_traffic_keys().unwrap();
+    // Under kernel TLS the proxy may be gone before these are written.
+    let _ = write_pattern(&mut stream, pattern, HALF, HALF);
+    stream.conn.send_close_notify();
+    let _ = stream.flush();
+    let _ = stream.sock.shutdown(std::net::Shutdown::Write);
+    let report = wait_for_report(&members, plan.id, Duration::from_secs(20)).unwrap();
+    if proxy.shared.dataplane.splice().is_some() {
+        assert_eq!(report.received, Ok(HALF));
+        assert!(wait_for_log("key update"), "no log line for the key update");
+    } else {
+        assert_eq!(report.received, Ok(2 * HALF));
+    }
+    proxy.stop();
+}
+
 #[test]
 fn sni_picks_the_certificate_and_unknown_names_follow_the_setting() {
     let scratch = Scratch::new();

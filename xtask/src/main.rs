@@ -5,7 +5,8 @@
 //!   suite in a VM on Debian's stock kernel (installs qemu-system-x86, linux-image-amd64 and
 //!   busybox-static if missing). Fails, never skips, when a prerequisite is missing.
 //! - `cargo xtask bench [--quick] [--only TARGET] [--scenario NAME] [--netns]`: wsplice
-//!   against nginx, HAProxy and Apache.
+//!   against nginx, HAProxy and Apache; `--vm`: the rustls relay against kernel TLS + splice
+//!   for wss://, inside the test VM.
 //! - `cargo xtask vm SCRIPT`: runs a shell script inside the test VM (Debian's stock kernel).
 //! - `cargo xtask relay-bench`: tokio vs io_uring for the userspace relay, CPU per GB.
 //! - `cargo xtask build-ebpf`: compiles ebpf/wsplice.bpf.c to target/bpf/ (build.rs does the
@@ -202,6 +203,9 @@ fn vm_script(extra: &[String]) -> Result<()> {
 
 /// Benchmarks wsplice against nginx, HAProxy and Apache (bench/results/latest.{json,md}).
 fn bench(extra: &[String]) -> Result<()> {
+    if extra.iter().any(|a| a == "--vm") {
+        return bench_in_vm(extra.iter().any(|a| a == "--quick"));
+    }
     if !is_root() {
         bail!("the benchmark loads BPF and starts nginx/HAProxy/Apache: run it as root");
     }
@@ -237,6 +241,37 @@ fn bench(extra: &[String]) -> Result<()> {
         .args(extra))
 }
 
+/// `cargo xtask bench --vm`: wss:// through the rustls relay against kernel TLS + splice, in
+/// the test VM (the host kernel has no kernel TLS); results in bench/results/vm-kernel-tls.md.
+fn bench_in_vm(quick: bool) -> Result<()> {
+    vm::ensure_packages()?;
+    run(cargo().args(["build", "--release", "-p", "wsplice", "-p", "wsplice-bench"]))?;
+    let root = workspace_root();
+    let script = root.join("target/vm/bench.sh");
+    std::fs::create_dir_all(script.parent().context("target/vm")?)?;
+    std::fs::write(
+        &script,
+        format!(
+            "set -e\ncd '{root}'\ntaskset -c 1 '{bench}' --kernel-tls-vm{quick}\n",
+            root = root.display(),
+            bench = root.join("target/release/wsplice-bench").display(),
+            quick = if quick { " --quick" } else { "" },
+        ),
+    )?;
+    let (code, lines) = vm::run_script_collecting(
+        &script,
+        std::time::Duration::from_secs(1800),
+        Some("WSPLICE-RESULT "),
+    )?;
+    if code != 0 || lines.is_empty() {
+        bail!("the benchmark failed in the VM (exit {code})");
+    }
+    let results = root.join("bench/results/vm-kernel-tls.md");
+    std::fs::write(&results, lines.join("\n") + "\n")?;
+    eprintln!("xtask: results in {}", results.display());
+    Ok(())
+}
+
 /// Measures the userspace relay with tokio and with io_uring (bench/results/relay.md).
 fn relay_bench() -> Result<()> {
     run(cargo().args([
@@ -263,7 +298,7 @@ fn main() -> ExitCode {
         "vm" => vm_script(&extra),
         _ => {
             eprintln!(
-                "usage: cargo xtask <test|bench [--quick] [--only TARGET] [--scenario NAME]|vm SCRIPT|build-ebpf|relay-bench>"
+                "usage: cargo xtask <test|bench [--quick] [--only TARGET] [--scenario NAME] [--vm]|vm SCRIPT|build-ebpf|relay-bench>"
             );
             return ExitCode::from(64);
         }

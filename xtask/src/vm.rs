@@ -206,6 +206,17 @@ fn accelerator() -> &'static str {
 /// Boots the VM, runs `script` (a shell script on the host's file system) inside it, and
 /// returns its exit code. The console is copied to stderr as it comes.
 pub fn run_script(script: &Path, limit: Duration) -> Result<i32> {
+    Ok(run_script_collecting(script, limit, None)?.0)
+}
+
+/// `run_script`, also returning the console lines that start with `prefix` (prefix removed):
+/// the VM's files do not outlive it, so results come back this way.
+pub fn run_script_collecting(
+    script: &Path,
+    limit: Duration,
+    prefix: Option<&str>,
+) -> Result<(i32, Vec<String>)> {
+    let mut collected = Vec::new();
     let (version, image) = kernel()?;
     let initrd = initramfs(&version)?;
     let accel = accelerator();
@@ -260,6 +271,9 @@ pub fn run_script(script: &Path, limit: Duration) -> Result<i32> {
         match received.recv_timeout(Duration::from_millis(200)) {
             Ok(line) => {
                 eprintln!("vm| {line}");
+                if let Some(rest) = prefix.and_then(|prefix| line.strip_prefix(prefix)) {
+                    collected.push(rest.to_string());
+                }
                 if let Some(rest) = line.trim().strip_prefix(MARKER) {
                     code = rest.trim().parse().ok();
                 }
@@ -273,7 +287,8 @@ pub fn run_script(script: &Path, limit: Duration) -> Result<i32> {
     }
     let _ = qemu.kill();
     let _ = qemu.wait();
-    code.with_context(|| {
+    let code = code.with_context(|| {
         format!("the VM gave no exit marker within {limit:?} (see the console lines above)")
-    })
+    })?;
+    Ok((code, collected))
 }

@@ -387,6 +387,7 @@ pub fn start_proxy(
     let carrier = server.shared.dataplane.carrier();
     let expected = match mode {
         DataplaneMode::Sockmap => wsplice::dataplane::Carrier::Sockmap,
+        DataplaneMode::Splice => wsplice::dataplane::Carrier::Splice,
         _ => wsplice::dataplane::Carrier::Userspace,
     };
     assert_eq!(
@@ -702,6 +703,16 @@ pub fn assert_no_state_left(proxy: &ServerHandle) {
         counted_out,
         "a member still counts live tunnels after every pair closed"
     );
+    if let Some(splice) = proxy.shared.dataplane.splice() {
+        let closed = wait_until(Duration::from_secs(10), || {
+            splice.stats.open_pairs.load(Ordering::SeqCst) == 0
+        });
+        assert!(
+            closed,
+            "{} spliced pairs still open",
+            splice.stats.open_pairs.load(Ordering::SeqCst)
+        );
+    }
     let Some(sockmap) = proxy.shared.dataplane.sockmap() else {
         return;
     };
