@@ -44,6 +44,8 @@ pub struct Dataplane {
     splice: Option<SpliceCarrier>,
     /// What carries ws<->ws pairs.
     plain_carrier: Carrier,
+    /// TLS legs end in kernel TLS and their pairs are spliced.
+    kernel_tls_carried: bool,
     pub relay_stats: RelayStats,
     /// Bytes that came with a handshake (after the request, after the 101) and were forwarded
     /// before the carrier took the pair.
@@ -118,9 +120,9 @@ impl Dataplane {
                         .ok();
                 }
                 match &splice {
-                    Some(_) => "dataplane: pairs with a TLS leg: kernel TLS + splice through \
-                                pipes driven by io_uring (payload stays in the kernel); rustls \
-                                relay for wss:// members"
+                    Some(_) => "dataplane: pairs with a TLS leg: kernel TLS (listeners and \
+                                wss:// members) + splice through pipes driven by io_uring \
+                                (payload stays in the kernel)"
                         .to_string(),
                     None => "dataplane: pairs with a TLS leg: kernel TLS, the relay copies \
                              plaintext (the splice carrier could not start)"
@@ -131,10 +133,12 @@ impl Dataplane {
                 format!("dataplane: pairs with a TLS leg: rustls relay in userspace, because {why}")
             }
         };
+        let kernel_tls_carried = kernel_tls.is_ok() && splice.is_some();
         Ok(Dataplane {
             sockmap,
             splice,
             plain_carrier,
+            kernel_tls_carried,
             relay_stats: RelayStats::default(),
             handover_bytes: AtomicU64::new(0),
             tls_announcement,
@@ -151,6 +155,11 @@ impl Dataplane {
 
     pub fn sockmap(&self) -> Option<&Sockmap> {
         self.sockmap.as_ref()
+    }
+
+    /// Whether TLS legs end in kernel TLS, their pairs spliced.
+    pub fn kernel_tls_carried(&self) -> bool {
+        self.kernel_tls_carried
     }
 
     /// The splice carrier, when kernel TLS and io_uring are both there.

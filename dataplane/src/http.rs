@@ -369,11 +369,32 @@ async fn connect(address: SocketAddr, settings: &ServerSettings) -> Result<TcpSt
 }
 
 /// Connects to a member; for wss://, also the TLS handshake, its certificate verified.
-async fn open_member(member: &Member, settings: &ServerSettings) -> Result<Stream, String> {
+/// Connects to a member; a wss:// member's TLS ends in kernel TLS when `kernel_tls` (the
+/// tunnel is then spliced), in rustls otherwise.
+async fn open_member(
+    member: &Member,
+    settings: &ServerSettings,
+    kernel_tls: bool,
+) -> Result<Stream, String> {
     let stream = connect(member.address, settings).await?;
     let Some(tls) = &member.tls else {
         return Ok(Stream::Plain(stream));
     };
+    if kernel_tls {
+        let connected = crate::tls::connect_kernel_tls(
+            std::sync::Arc::clone(&tls.config),
+            tls.server_name.clone(),
+            stream,
+        );
+        return match tokio::time::timeout(settings.handshake_timeout, connected).await {
+            Ok(Ok(stream)) => Ok(Stream::Ktls(stream)),
+            Ok(Err(error)) => Err(format!("{}: TLS: {error}", member.url)),
+            Err(_) => Err(format!(
+                "{}: TLS: no handshake within {:?}",
+                member.url, settings.handshake_timeout
+            )),
+        };
+    }
     match tls.connector.connect(tls.server_name.clone(), stream).await {
         Ok(stream) => Ok(Stream::Tls(Box::new(stream.into()))),
         Err(error) => Err(format!("{}: TLS: {error}", member.url)),
@@ -394,7 +415,8 @@ async fn upgrade_member(
         let index = lease.member();
         tried[index] = true;
         let member = &cluster.members[index];
-        let stream = match open_member(member, &shared.settings).await {
+        let kernel_tls = shared.dataplane.kernel_tls_carried();
+        let stream = match open_member(member, &shared.settings, kernel_tls).await {
             Ok(stream) => stream,
             Err(reason) => {
                 reasons.push(reason);
@@ -512,7 +534,7 @@ async fn proxy_plain(
     while let Some(lease) = Lease::pick(&cluster.balancer, |index| !tried[index]) {
         tried[lease.member()] = true;
         let member = &cluster.members[lease.member()];
-        let stream = match open_member(member, &shared.settings).await {
+        let stream = match open_member(member, &shared.settings, false).await {
             Ok(stream) => stream,
             Err(reason) => {
                 reasons.push(reason);

@@ -17,6 +17,8 @@ pub struct Member {
 #[derive(Clone)]
 pub struct MemberTls {
     pub connector: tokio_rustls::TlsConnector,
+    /// The connector's configuration, for handshakes that end in kernel TLS.
+    pub config: std::sync::Arc<rustls::ClientConfig>,
     pub server_name: rustls::pki_types::ServerName<'static>,
 }
 
@@ -57,9 +59,11 @@ impl Router {
         for cluster in &config.clusters {
             let weights: Vec<u32> = cluster.members.iter().map(|m| m.weight).collect();
             let connector = if cluster.members.iter().any(|m| m.tls) {
-                Some(tokio_rustls::TlsConnector::from(
-                    crate::tls::client_config(&cluster.member_tls)
-                        .map_err(|error| format!("cluster {}: {error}", cluster.name))?,
+                let config = crate::tls::client_config(&cluster.member_tls)
+                    .map_err(|error| format!("cluster {}: {error}", cluster.name))?;
+                Some((
+                    tokio_rustls::TlsConnector::from(std::sync::Arc::clone(&config)),
+                    config,
                 ))
             } else {
                 None
@@ -67,8 +71,9 @@ impl Router {
             let mut members = Vec::new();
             for member in &cluster.members {
                 let tls = match (&connector, member.tls) {
-                    (Some(connector), true) => Some(MemberTls {
+                    (Some((connector, config)), true) => Some(MemberTls {
                         connector: connector.clone(),
+                        config: std::sync::Arc::clone(config),
                         server_name: crate::tls::member_server_name(&member.host)?,
                     }),
                     _ => None,

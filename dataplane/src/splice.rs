@@ -60,6 +60,8 @@ pub struct SpliceStats {
     pub spliced_bytes: AtomicU64,
     /// Splices that moved bytes (both halves: source -> pipe and pipe -> destination).
     pub splices: AtomicU64,
+    /// Legs taken with kernel TLS on them (TCP_ULP "tls", keys in the kernel).
+    pub kernel_tls_legs: AtomicU64,
 }
 
 /// The carrier thread's front: pairs are queued here and the thread woken.
@@ -225,6 +227,16 @@ impl Carrier {
     fn add(&mut self, pair: SplicePair) {
         self.stats.pairs.fetch_add(1, Ordering::Relaxed);
         self.stats.open_pairs.fetch_add(1, Ordering::Relaxed);
+        // Counted from the socket itself: the kernel names its upper layer "tls".
+        let kernel_tls_legs = [&pair.client, &pair.member]
+            .iter()
+            .filter(|leg| {
+                leg.kernel_tls && sys::tcp_ulp(leg.socket.as_fd()).is_ok_and(|ulp| ulp == "tls")
+            })
+            .count() as u64;
+        self.stats
+            .kernel_tls_legs
+            .fetch_add(kernel_tls_legs, Ordering::Relaxed);
         let direction = |source: &Leg| Direction {
             step: if source.ended {
                 Step::Ending
@@ -479,6 +491,18 @@ fn read_control_record(source: &Leg, buffer: &mut [u8]) -> Result<Step, String> 
             sys::ktls_recv(fd, buffer, libc::MSG_DONTWAIT)
                 .map_err(|error| format!("reading close_notify: {error}"))?;
             Ok(Step::Ending)
+        }
+        // A member's TLS 1.3 session tickets: taken off the queue, nothing to pass on.
+        Ok(sys::KtlsRecord::Control {
+            record_type: TLS_HANDSHAKE,
+            len,
+        }) if crate::tls::only_session_tickets(&buffer[..len]) => {
+            sys::ktls_recv(fd, buffer, libc::MSG_DONTWAIT)
+                .map_err(|error| format!("reading session tickets: {error}"))?;
+            Ok(Step::Fill {
+                polled: false,
+                blocking: false,
+            })
         }
         Ok(sys::KtlsRecord::Control {
             record_type: TLS_HANDSHAKE,

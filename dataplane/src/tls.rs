@@ -262,6 +262,8 @@ pub fn client_config(settings: &MemberTlsSettings) -> Result<Arc<ClientConfig>, 
         builder.with_root_certificates(roots).with_no_client_auth()
     };
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // For kernel TLS towards members: the traffic secrets go to the kernel.
+    config.enable_secret_extraction = true;
     Ok(Arc::new(config))
 }
 
@@ -373,7 +375,7 @@ pub fn hand_keys_to_kernel(
 }
 
 /// What a connection has to send, as TLS records.
-fn pending_records(connection: &mut rustls::ServerConnection) -> io::Result<Vec<u8>> {
+fn pending_records<Side>(connection: &mut rustls::ConnectionCommon<Side>) -> io::Result<Vec<u8>> {
     let mut records = Vec::new();
     while connection.wants_write() {
         connection.write_tls(&mut records)?;
@@ -392,13 +394,22 @@ pub async fn handshake_whole_records(
     config: Arc<ServerConfig>,
     stream: &mut TcpStream,
 ) -> io::Result<rustls::ServerConnection> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut connection = rustls::ServerConnection::new(config).map_err(io::Error::other)?;
+    finish_handshake_whole_records(&mut connection, stream).await?;
+    Ok(connection)
+}
+
+/// Drives a handshake to its end, reading one whole TLS record at a time.
+async fn finish_handshake_whole_records<Side>(
+    connection: &mut rustls::ConnectionCommon<Side>,
+    stream: &mut TcpStream,
+) -> io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut record = Vec::with_capacity(MAX_RECORD + 5);
     loop {
-        stream.write_all(&pending_records(&mut connection)?).await?;
+        stream.write_all(&pending_records(connection)?).await?;
         if !connection.is_handshaking() {
-            return Ok(connection);
+            return Ok(());
         }
         let mut header = [0u8; 5];
         stream.read_exact(&mut header).await?;
@@ -419,10 +430,50 @@ pub async fn handshake_whole_records(
         }
         if let Err(error) = connection.process_new_packets() {
             // The alert rustls queued goes out before the connection does.
-            let _ = stream.write_all(&pending_records(&mut connection)?).await;
+            let _ = stream.write_all(&pending_records(connection)?).await;
             return Err(io::Error::new(io::ErrorKind::InvalidData, error));
         }
     }
+}
+
+/// A wss:// member's connection on kernel TLS: the tls ULP attached to the connected socket,
+/// the client handshake read in whole records, then the keys handed to the kernel, so the
+/// upgrade request and everything after go through kernel TLS. The member's TLS 1.3 session
+/// tickets, which come after the handshake, are skipped by the reader.
+pub async fn connect_kernel_tls(
+    config: Arc<ClientConfig>,
+    server_name: ServerName<'static>,
+    mut socket: TcpStream,
+) -> io::Result<KtlsStream> {
+    use std::os::fd::AsFd;
+    crate::sys::ktls_attach(socket.as_fd())?;
+    let mut connection =
+        rustls::ClientConnection::new(config, server_name).map_err(io::Error::other)?;
+    finish_handshake_whole_records(&mut connection, &mut socket).await?;
+    hand_keys_to_kernel(connection.into(), socket.as_fd())?;
+    Ok(KtlsStream {
+        socket,
+        closed_by_peer: false,
+    })
+}
+
+/// The handshake message a member sends after the handshake (TLS 1.3).
+const NEW_SESSION_TICKET: u8 = 4;
+
+/// Whether a handshake record read after kernel TLS took over holds only session tickets
+/// (skipped: wsplice does not resume sessions towards members).
+pub fn only_session_tickets(mut messages: &[u8]) -> bool {
+    if messages.is_empty() {
+        return false;
+    }
+    while let [kind, a, b, c, rest @ ..] = messages {
+        let length = usize::from(*a) << 16 | usize::from(*b) << 8 | usize::from(*c);
+        if *kind != NEW_SESSION_TICKET || rest.len() < length {
+            return false;
+        }
+        messages = &rest[length..];
+    }
+    messages.is_empty()
 }
 
 /// Whether kernel TLS can be attached here: tried on a loopback connection (the attempt also
@@ -510,6 +561,11 @@ impl AsyncRead for KtlsStream {
                     this.closed_by_peer = true; // close_notify: EOF
                     Ok(())
                 }
+                // A member's TLS 1.3 session tickets: nothing to pass on.
+                Ok(crate::sys::KtlsRecord::Control {
+                    record_type: 22,
+                    len,
+                }) if only_session_tickets(&unfilled[..len]) => continue,
                 Ok(crate::sys::KtlsRecord::Control { record_type, len }) => {
                     Err(io::Error::other(format!(
                         "a TLS record of type {record_type} ({len} bytes) after kernel TLS \

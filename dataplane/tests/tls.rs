@@ -376,8 +376,16 @@ fn wss_members_carry_every_byte() {
             plan
         })
         .collect();
+    let carried: u64 = plans.iter().map(|p| p.up_len + p.down_len).sum();
     let dial = tls_dial(client_config(&[&pki.ca]), "localhost");
     run_and_check_over(&dial, &outer, &members, plans, 4);
+    // Both proxies carry the payload: the outer one wss:// <-> wss://, the inner wss:// <-> ws://.
+    assert_carried(&outer, carried);
+    assert_carried(&inner, carried);
+    if let Some(splice) = outer.shared.dataplane.splice() {
+        // Kernel TLS on the client leg and on the member leg of all 16 pairs.
+        assert_eq!(splice.stats.kernel_tls_legs.load(Ordering::Relaxed), 32);
+    }
     outer.stop();
     inner.stop();
 }

@@ -114,6 +114,9 @@ mount -t bpf bpf /newroot/sys/fs/bpf 2>/dev/null
 printf '#!/bin/sh\nexec chroot /newroot /sbin/modprobe "$@"\n' > /modprobe-helper
 chmod +x /modprobe-helper
 echo /modprobe-helper > /proc/sys/kernel/modprobe
+# What udev loads at boot for this CPU's features: without them the kernel's crypto is its
+# generic C code (gcm_base(ctr(aes-generic),...)), which no real machine would run.
+chroot /newroot /sbin/modprobe -a aesni_intel ghash_clmulni_intel chacha_x86_64 poly1305_x86_64 2>/dev/null
 ip link set lo up
 script=$(sed -n 's/.*wsplice\.script=\([^ ]*\).*/\1/p' /proc/cmdline)
 echo "wsplice-vm: kernel $(uname -r), running $script"
