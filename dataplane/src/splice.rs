@@ -21,6 +21,8 @@ const CHUNK: u32 = 64 * 1024;
 /// Empty pipes kept for the next direction that has bytes to move.
 const POOLED_PIPES: usize = 256;
 const RING_ENTRIES: u32 = 1024;
+/// Splices one direction runs in a row before it lets the other pairs have the thread.
+const INLINE_SPLICES: u32 = 32;
 const WAKE_TAG: u64 = u64::MAX;
 /// The largest TLS record's plaintext: room for any control record the peer sends.
 const MAX_RECORD_PLAINTEXT: usize = 1 << 14;
@@ -280,55 +282,9 @@ impl Carrier {
             self.release_if_ended(slot);
             return;
         }
-        let source_tls = pair.legs[index].kernel_tls;
-        let outcome: Result<Step, String> = match (direction.step, result) {
-            (_, result) if result == -libc::EINTR => Ok(direction.step),
-            (Step::AwaitReadable, result) if result >= 0 => Ok(Step::Fill {
-                polled: true,
-                blocking: false,
-            }),
-            (Step::AwaitWritable, result) if result >= 0 => Ok(Step::Drain),
-            (Step::Ending, result) if result >= 0 => Ok(Step::Ending),
-            (Step::Fill { .. }, moved) if moved > 0 => {
-                self.stats.splices.fetch_add(1, Ordering::Relaxed);
-                direction.in_pipe = moved as u32;
-                Ok(Step::Drain)
-            }
-            (Step::Fill { .. }, 0) => Ok(Step::Ending),
-            // Readable, yet no whole record: wait for the rest inside the kernel.
-            (Step::Fill { polled: true, .. }, result) if result == -libc::EAGAIN && source_tls => {
-                Ok(Step::Fill {
-                    polled: false,
-                    blocking: true,
-                })
-            }
-            (Step::Fill { .. }, result) if result == -libc::EAGAIN => Ok(Step::AwaitReadable),
-            // The next record is not application data (kernel TLS splices only data).
-            (Step::Fill { .. }, result) if result == -libc::EINVAL && source_tls => {
-                read_control_record(&pair.legs[index], &mut self.control)
-            }
-            (Step::Drain, moved) if moved > 0 => {
-                self.stats.splices.fetch_add(1, Ordering::Relaxed);
-                self.stats
-                    .spliced_bytes
-                    .fetch_add(moved as u64, Ordering::Relaxed);
-                direction.in_pipe -= (moved as u32).min(direction.in_pipe);
-                if direction.in_pipe > 0 {
-                    Ok(Step::Drain)
-                } else {
-                    Ok(Step::Fill {
-                        polled: false,
-                        blocking: false,
-                    })
-                }
-            }
-            (Step::Drain, result) if result == -libc::EAGAIN => Ok(Step::AwaitWritable),
-            (Step::Drain, 0) => Err("splice from a pipe with bytes in it moved none".into()),
-            (step, result) => Err(format!("{step:?}: {}", errno(result))),
-        };
-        match outcome {
+        match transition(pair, index, result, &self.stats, &mut self.control) {
             Ok(step) => {
-                direction.step = step;
+                pair.directions[index].step = step;
                 self.advance(slot, index);
             }
             Err(why) => self.fail(slot, &why),
@@ -336,72 +292,125 @@ impl Carrier {
         self.release_if_ended(slot);
     }
 
-    /// Issues the direction's next operation; steps that need none run here.
+    /// Runs the direction until it has to wait: splices that cannot block run here, on this
+    /// thread (a splice through io_uring would be handed to one of its worker threads); waits
+    /// are io_uring polls. A busy direction yields after a bounded run, so one fast pair does
+    /// not hold the thread.
     fn advance(&mut self, slot: usize, index: usize) {
-        let Some(pair) = self.pairs[slot].as_mut() else {
-            return;
-        };
-        let source = pair.legs[index].socket.as_raw_fd();
-        let destination = &pair.legs[1 - index];
-        let direction = &mut pair.directions[index];
-        if direction.in_flight || pair.failed {
-            return;
-        }
-        // An idle direction's empty pipe goes back to the pool until bytes come again.
-        if direction.step == Step::AwaitReadable
-            && direction.in_pipe == 0
-            && let Some(pipe) = direction.pipe.take()
-            && self.pipes.len() < POOLED_PIPES
-        {
-            self.pipes.push(pipe);
-        }
-        let tag = tag(slot, index);
-        let issued = match direction.step {
-            Step::AwaitReadable => self.ring.poll(tag, source, POLLIN | POLLRDHUP),
-            Step::Fill { blocking, .. } => {
-                let pipe = match direction.pipe.take().or_else(|| self.pipes.pop()) {
-                    Some(pipe) => Ok(pipe),
-                    None => new_pipe(),
-                };
-                match pipe {
-                    Ok(pipe) => {
-                        let writer = pipe.writer.as_raw_fd();
-                        direction.pipe = Some(pipe);
-                        self.ring.splice(tag, source, writer, CHUNK, !blocking)
-                    }
-                    Err(error) => Err(error),
-                }
+        let mut inline_splices = 0;
+        loop {
+            let Some(pair) = self.pairs[slot].as_mut() else {
+                return;
+            };
+            let direction = &mut pair.directions[index];
+            if direction.in_flight || pair.failed {
+                return;
             }
-            Step::Drain => match &direction.pipe {
-                Some(pipe) => self.ring.splice(
-                    tag,
-                    pipe.reader.as_raw_fd(),
-                    destination.socket.as_raw_fd(),
-                    direction.in_pipe,
-                    true,
-                ),
-                None => Err(io::Error::other("no pipe to drain")),
-            },
-            Step::AwaitWritable => self.ring.poll(tag, destination.socket.as_raw_fd(), POLLOUT),
-            Step::Ending => match pass_end_on(destination) {
-                Ok(()) => {
-                    direction.step = Step::Done;
+            // An idle direction's empty pipe goes back to the pool until bytes come again.
+            if direction.step == Step::AwaitReadable
+                && direction.in_pipe == 0
+                && let Some(pipe) = direction.pipe.take()
+                && self.pipes.len() < POOLED_PIPES
+            {
+                self.pipes.push(pipe);
+            }
+            if matches!(direction.step, Step::Fill { blocking: false, .. })
+                && inline_splices >= INLINE_SPLICES
+            {
+                direction.step = Step::AwaitReadable;
+            }
+            let source = pair.legs[index].socket.as_fd();
+            let destination = &pair.legs[1 - index];
+            let tag = tag(slot, index);
+            let result = match direction.step {
+                Step::Fill { blocking, .. } => {
+                    let pipe = match direction.pipe.take().or_else(|| self.pipes.pop()) {
+                        Some(pipe) => pipe,
+                        None => match new_pipe() {
+                            Ok(pipe) => pipe,
+                            Err(error) => {
+                                self.fail(slot, &format!("pipe: {error}"));
+                                return;
+                            }
+                        },
+                    };
+                    let writer = pipe.writer.as_raw_fd();
+                    let moved = (!blocking).then(|| {
+                        sys::splice_nonblocking(source, pipe.writer.as_fd(), CHUNK as usize)
+                    });
+                    direction.pipe = Some(pipe);
+                    match moved {
+                        Some(moved) => moved,
+                        // The rest of a TLS record is on its way: wait in the kernel for it.
+                        None => {
+                            let issued =
+                                self.ring.splice(tag, source.as_raw_fd(), writer, CHUNK, false);
+                            self.issued(slot, index, issued);
+                            return;
+                        }
+                    }
+                }
+                Step::Drain => match &direction.pipe {
+                    Some(pipe) => sys::splice_nonblocking(
+                        pipe.reader.as_fd(),
+                        destination.socket.as_fd(),
+                        direction.in_pipe as usize,
+                    ),
+                    None => Err(io::Error::other("no pipe to drain")),
+                },
+                Step::AwaitReadable => {
+                    let issued = self.ring.poll(tag, source.as_raw_fd(), POLLIN | POLLRDHUP);
+                    self.issued(slot, index, issued);
                     return;
                 }
-                // No room for the close_notify yet.
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                    self.ring.poll(tag, destination.socket.as_raw_fd(), POLLOUT)
+                Step::AwaitWritable => {
+                    let issued = self.ring.poll(tag, destination.socket.as_raw_fd(), POLLOUT);
+                    self.issued(slot, index, issued);
+                    return;
                 }
-                Err(error) => Err(error),
-            },
-            Step::Done => return,
-        };
-        match issued {
-            Ok(()) => direction.in_flight = true,
-            Err(error) => {
-                let why = format!("{:?}: {error}", direction.step);
-                self.fail(slot, &why);
+                Step::Ending => match pass_end_on(destination) {
+                    Ok(()) => {
+                        direction.step = Step::Done;
+                        return;
+                    }
+                    // No room for the close_notify yet.
+                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                        let fd = destination.socket.as_raw_fd();
+                        let issued = self.ring.poll(tag, fd, POLLOUT);
+                        self.issued(slot, index, issued);
+                        return;
+                    }
+                    Err(error) => {
+                        self.fail(slot, &format!("passing the end on: {error}"));
+                        return;
+                    }
+                },
+                Step::Done => return,
+            };
+            inline_splices += 1;
+            let result = match result {
+                Ok(moved) => moved as i32,
+                Err(error) => -error.raw_os_error().unwrap_or(libc::EIO),
+            };
+            match transition(pair, index, result, &self.stats, &mut self.control) {
+                Ok(step) => pair.directions[index].step = step,
+                Err(why) => {
+                    self.fail(slot, &why);
+                    return;
+                }
             }
+        }
+    }
+
+    /// Marks an operation in flight, or ends the pair when it could not be queued.
+    fn issued(&mut self, slot: usize, index: usize, issued: io::Result<()>) {
+        match issued {
+            Ok(()) => {
+                if let Some(pair) = self.pairs[slot].as_mut() {
+                    pair.directions[index].in_flight = true;
+                }
+            }
+            Err(error) => self.fail(slot, &format!("io_uring: {error}")),
         }
     }
 
@@ -446,6 +455,65 @@ impl Carrier {
         }
         self.free_slots.push(slot);
         self.stats.open_pairs.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Where a direction goes from `result` (bytes moved, 0, or -errno) of its current step.
+fn transition(
+    pair: &mut Carried,
+    index: usize,
+    result: i32,
+    stats: &SpliceStats,
+    control: &mut [u8],
+) -> Result<Step, String> {
+    let source = &pair.legs[index];
+    let direction = &mut pair.directions[index];
+    match (direction.step, result) {
+        (_, result) if result == -libc::EINTR => Ok(direction.step),
+        (Step::AwaitReadable, result) if result >= 0 => Ok(Step::Fill {
+            polled: true,
+            blocking: false,
+        }),
+        (Step::AwaitWritable, result) if result >= 0 => Ok(Step::Drain),
+        (Step::Ending, result) if result >= 0 => Ok(Step::Ending),
+        (Step::Fill { .. }, moved) if moved > 0 => {
+            stats.splices.fetch_add(1, Ordering::Relaxed);
+            direction.in_pipe = moved as u32;
+            Ok(Step::Drain)
+        }
+        (Step::Fill { .. }, 0) => Ok(Step::Ending),
+        // Readable, yet no whole record: wait for the rest inside the kernel.
+        (Step::Fill { polled: true, .. }, result)
+            if result == -libc::EAGAIN && source.kernel_tls =>
+        {
+            Ok(Step::Fill {
+                polled: false,
+                blocking: true,
+            })
+        }
+        (Step::Fill { .. }, result) if result == -libc::EAGAIN => Ok(Step::AwaitReadable),
+        // The next record is not application data (kernel TLS splices only data).
+        (Step::Fill { .. }, result) if result == -libc::EINVAL && source.kernel_tls => {
+            read_control_record(source, control)
+        }
+        (Step::Drain, moved) if moved > 0 => {
+            stats.splices.fetch_add(1, Ordering::Relaxed);
+            stats
+                .spliced_bytes
+                .fetch_add(moved as u64, Ordering::Relaxed);
+            direction.in_pipe -= (moved as u32).min(direction.in_pipe);
+            if direction.in_pipe > 0 {
+                Ok(Step::Drain)
+            } else {
+                Ok(Step::Fill {
+                    polled: false,
+                    blocking: false,
+                })
+            }
+        }
+        (Step::Drain, result) if result == -libc::EAGAIN => Ok(Step::AwaitWritable),
+        (Step::Drain, 0) => Err("splice from a pipe with bytes in it moved none".into()),
+        (step, result) => Err(format!("{step:?}: {}", errno(result))),
     }
 }
 

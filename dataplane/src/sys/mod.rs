@@ -361,6 +361,27 @@ pub fn tcp_ulp(fd: BorrowedFd) -> io::Result<String> {
     Ok(String::from_utf8_lossy(&name[..end]).into_owned())
 }
 
+/// splice(2) of up to `len` bytes from `from` to `to` (one a pipe), without waiting.
+pub fn splice_nonblocking(from: BorrowedFd, to: BorrowedFd, len: usize) -> io::Result<usize> {
+    // SAFETY: both fds are borrowed live for the call; null offsets mean "the file's own
+    // position", as splice(2) requires for pipes and sockets. No memory is passed.
+    let moved = unsafe {
+        libc::splice(
+            from.as_raw_fd(),
+            std::ptr::null_mut(),
+            to.as_raw_fd(),
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    if moved < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(moved as usize)
+    }
+}
+
 /// Sets SO_RCVLOWAT; setting it also runs the socket's data-ready callback, which makes a
 /// sockmap verdict look at bytes queued before the socket joined the map.
 pub fn set_rcvlowat(fd: BorrowedFd, bytes: i32) -> io::Result<()> {
