@@ -82,15 +82,18 @@ enum Target {
     WspliceUserspace,
     /// wss:// with kernel TLS + splice (only where the kernel has kernel TLS: the VM).
     WspliceKernelTls,
+    /// ws:// pairs spliced through io_uring (`--dataplane splice`; the VM comparison).
+    WspliceSplice,
     Haproxy,
     Nginx,
     Apache,
 }
 
 impl Target {
-    const ALL: [Target; 6] = [
+    const ALL: [Target; 7] = [
         Target::Direct,
         Target::WspliceSockmap,
+        Target::WspliceSplice,
         Target::WspliceUserspace,
         Target::Haproxy,
         Target::Nginx,
@@ -103,6 +106,7 @@ impl Target {
             Target::WspliceSockmap => "wsplice sockmap",
             Target::WspliceUserspace => "wsplice userspace",
             Target::WspliceKernelTls => "wsplice kernel TLS",
+            Target::WspliceSplice => "wsplice splice",
             Target::Haproxy => "HAProxy",
             Target::Nginx => "nginx",
             Target::Apache => "Apache httpd",
@@ -279,7 +283,10 @@ fn start_target(
         .collect();
     match target {
         Target::Direct => return Ok(None),
-        Target::WspliceSockmap | Target::WspliceUserspace | Target::WspliceKernelTls => {
+        Target::WspliceSockmap
+        | Target::WspliceUserspace
+        | Target::WspliceKernelTls
+        | Target::WspliceSplice => {
             command.arg(root().join("target/release/wsplice")).args([
                 "run",
                 "--listen",
@@ -287,10 +294,10 @@ fn start_target(
                 "--workers",
                 "1",
                 "--dataplane",
-                if target == Target::WspliceSockmap {
-                    "sockmap"
-                } else {
-                    "userspace"
+                match target {
+                    Target::WspliceSockmap => "sockmap",
+                    Target::WspliceSplice => "splice",
+                    _ => "userspace",
                 },
                 "--lbmethod",
                 match method {
@@ -838,14 +845,14 @@ fn main() -> Result<()> {
     };
     let work_dir = std::env::temp_dir().join(format!("wsplice-bench-{}", std::process::id()));
     let bench_tls = BenchTls::new(&work_dir.join("tls"))?;
+    // In the VM, ws:// too: what splicing costs against the relay's copies without crypto.
     let cases: Vec<(Scenario, bool)> = if kernel_tls_vm {
         [
-            Scenario::Throughput { size: 64 * 1024 },
-            Scenario::Throughput { size: 4 * 1024 },
+            (Scenario::Throughput { size: 64 * 1024 }, false),
+            (Scenario::Throughput { size: 64 * 1024 }, true),
+            (Scenario::Throughput { size: 4 * 1024 }, true),
         ]
-        .into_iter()
-        .map(|scenario| (scenario, true))
-        .collect()
+        .into()
     } else {
         scenarios
             .into_iter()
@@ -853,11 +860,7 @@ fn main() -> Result<()> {
             .chain(wss_scenarios.into_iter().map(|scenario| (scenario, true)))
             .collect()
     };
-    let targets: &[Target] = if kernel_tls_vm {
-        &[Target::WspliceUserspace, Target::WspliceKernelTls]
-    } else {
-        &Target::ALL
-    };
+
     let mut rows = Vec::new();
     for (scenario, wss) in cases {
         let name = if wss {
@@ -869,10 +872,23 @@ fn main() -> Result<()> {
             continue;
         }
         let tls = wss.then_some(&bench_tls);
+        let targets: &[Target] = match (kernel_tls_vm, wss) {
+            (true, true) => &[Target::WspliceUserspace, Target::WspliceKernelTls],
+            (true, false) => &[Target::WspliceUserspace, Target::WspliceSplice],
+            (false, _) => &Target::ALL,
+        };
         for &target in targets {
             // Balancing needs a balancer; the members speak ws:// only.
             let balancing = matches!(scenario, Scenario::Balance { .. });
-            if !matches(&only, target.name()) || ((balancing || wss) && target == Target::Direct) {
+            // On the host, splice mode only where it moves bytes differently from the relay:
+            // ws:// throughput, latency and handshakes (its wss:// pairs go to rustls).
+            let splice_adds_nothing = !kernel_tls_vm
+                && target == Target::WspliceSplice
+                && (wss || balancing || matches!(scenario, Scenario::Idle { .. }));
+            if !matches(&only, target.name())
+                || ((balancing || wss) && target == Target::Direct)
+                || splice_adds_nothing
+            {
                 continue;
             }
             let mut samples = Vec::new();

@@ -264,12 +264,17 @@ fn bench_in_vm(quick: bool) -> Result<()> {
     let (code, lines) = vm::run_script_collecting(
         &script,
         std::time::Duration::from_secs(1800),
-        Some("WSPLICE-RESULT "),
+        Some("WSPLICE-RESULT"),
     )?;
     if code != 0 || lines.is_empty() {
         bail!("the benchmark failed in the VM (exit {code})");
     }
     let results = root.join("bench/results/vm-kernel-tls.md");
+    // The console drops trailing spaces: an empty line comes without the prefix's space.
+    let lines: Vec<&str> = lines
+        .iter()
+        .map(|line| line.strip_prefix(' ').unwrap_or(line))
+        .collect();
     std::fs::write(&results, lines.join("\n") + "\n")?;
     eprintln!("xtask: results in {}", results.display());
     Ok(())
