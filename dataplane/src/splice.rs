@@ -314,8 +314,13 @@ impl Carrier {
             {
                 self.pipes.push(pipe);
             }
-            if matches!(direction.step, Step::Fill { blocking: false, .. })
-                && inline_splices >= INLINE_SPLICES
+            if matches!(
+                direction.step,
+                Step::Fill {
+                    blocking: false,
+                    ..
+                }
+            ) && inline_splices >= INLINE_SPLICES
             {
                 direction.step = Step::AwaitReadable;
             }
@@ -344,7 +349,8 @@ impl Carrier {
                         // The rest of a TLS record is on its way: wait in the kernel for it.
                         None => {
                             let issued =
-                                self.ring.splice(tag, source.as_raw_fd(), writer, CHUNK, false);
+                                self.ring
+                                    .splice(tag, source.as_raw_fd(), writer, CHUNK, false);
                             self.issued(slot, index, issued);
                             return;
                         }
