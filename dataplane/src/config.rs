@@ -96,17 +96,23 @@ impl DataplaneMode {
 pub enum LbMethod {
     /// Weighted round robin with Apache's lbfactor/lbstatus semantics.
     ByRequests,
+    /// Fewest bytes moved relative to weight (Apache mod_lbmethod_bytraffic).
+    ByTraffic,
     /// Fewest live tunnels relative to weight.
     LeastConn,
+    /// Consistent hashing of a request key (client address, a header or a cookie).
+    Hash,
 }
 
 impl LbMethod {
     pub fn parse(text: &str) -> Result<Self, String> {
         match text {
             "byrequests" => Ok(LbMethod::ByRequests),
-            "least-conn" | "leastconn" => Ok(LbMethod::LeastConn),
+            "bytraffic" => Ok(LbMethod::ByTraffic),
+            "least-conn" | "leastconn" | "bybusyness" => Ok(LbMethod::LeastConn),
+            "hash" => Ok(LbMethod::Hash),
             other => Err(format!(
-                "unknown lbmethod {other:?} (expected byrequests or least-conn)"
+                "unknown lbmethod {other:?} (expected byrequests, bytraffic, least-conn or hash)"
             )),
         }
     }
@@ -177,8 +183,78 @@ pub struct Route {
 pub struct ClusterConfig {
     pub name: String,
     pub lbmethod: LbMethod,
+    /// What `lbmethod = "hash"` hashes.
+    pub hash_key: HashKey,
+    /// Where a request names its member's route (Apache `stickysession=`).
+    pub sticky: Option<StickySession>,
+    /// A cookie naming the member's route, set on the 101 (Apache's ROUTEID).
+    pub sticky_cookie: Option<StickyCookie>,
+    /// How long a member whose connect or upgrade failed stays out (Apache `retry=`).
+    pub retry: Duration,
     pub members: Vec<MemberConfig>,
     pub member_tls: MemberTlsSettings,
+}
+
+/// What a member may be given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemberStatus {
+    Active,
+    /// Hot standby (Apache `status=+H`): used only when no active member is usable.
+    Standby,
+    /// No new tunnels except sticky ones; existing tunnels stay (Apache `+N`).
+    Drain,
+    /// Never picked (Apache `+D`).
+    Disabled,
+}
+
+/// The request key of consistent hashing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashKey {
+    ClientIp,
+    Header(String),
+    Cookie(String),
+}
+
+impl HashKey {
+    fn parse(text: &str) -> Result<Self, String> {
+        let named = |rest: &str, what: &str| {
+            let name = rest.trim();
+            if name.is_empty() || !name.bytes().all(|b| b.is_ascii_graphic() && b != b';') {
+                Err(format!("hash_key {text:?}: {what} needs a name"))
+            } else {
+                Ok(name.to_string())
+            }
+        };
+        if text == "client-ip" {
+            Ok(HashKey::ClientIp)
+        } else if let Some(rest) = text.strip_prefix("header:") {
+            Ok(HashKey::Header(named(rest, "header")?.to_ascii_lowercase()))
+        } else if let Some(rest) = text.strip_prefix("cookie:") {
+            Ok(HashKey::Cookie(named(rest, "cookie")?))
+        } else {
+            Err(format!(
+                "hash_key {text:?}: expected client-ip, header:NAME or cookie:NAME"
+            ))
+        }
+    }
+}
+
+/// Apache's `stickysession=COOKIE|param`: the cookie and the URL parameter that carry the
+/// route (as `value.route`, or the route alone).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StickySession {
+    pub cookie: Option<String>,
+    pub parameter: Option<String>,
+}
+
+/// The route cookie set on the 101.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StickyCookie {
+    pub name: String,
+    pub path: String,
+    pub secure: bool,
+    pub http_only: bool,
+    pub max_age: Option<Duration>,
 }
 
 #[derive(Debug, Clone)]
@@ -189,6 +265,11 @@ pub struct MemberConfig {
     /// wss://: TLS to the member, verified against `host`.
     pub tls: bool,
     pub host: String,
+    /// Apache `route=`.
+    pub route: Option<String>,
+    pub status: MemberStatus,
+    /// Apache `max=`: tunnels at once; beyond, 503.
+    pub max_conns: Option<u64>,
 }
 
 /// A config error: where it is and what is wrong.
@@ -298,6 +379,10 @@ struct RawRoute {
 struct RawCluster {
     name: Spanned<String>,
     lbmethod: Option<Spanned<String>>,
+    hash_key: Option<Spanned<String>>,
+    stickysession: Option<Spanned<String>>,
+    sticky_cookie: Option<Spanned<RawStickyCookie>>,
+    retry: Option<Spanned<String>>,
     tls_ca: Option<Spanned<String>>,
     tls_verify: Option<Spanned<bool>>,
     #[serde(default, rename = "member")]
@@ -309,6 +394,19 @@ struct RawCluster {
 struct RawMember {
     url: Spanned<String>,
     weight: Option<Spanned<i64>>,
+    route: Option<Spanned<String>>,
+    status: Option<Spanned<String>>,
+    max_conns: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStickyCookie {
+    name: String,
+    path: Option<String>,
+    secure: Option<bool>,
+    http_only: Option<bool>,
+    max_age: Option<String>,
 }
 
 /// Reads and validates a config file.
@@ -430,9 +528,61 @@ impl Checker<'_> {
                 .filter_map(|member| self.member(member))
                 .collect();
             let member_tls = self.member_tls(cluster.tls_ca, cluster.tls_verify);
+            let hash_key = match &cluster.hash_key {
+                None => HashKey::ClientIp,
+                Some(text) => HashKey::parse(text.get_ref()).unwrap_or_else(|message| {
+                    self.error(text.span(), message);
+                    HashKey::ClientIp
+                }),
+            };
+            let sticky = cluster.stickysession.as_ref().and_then(|text| {
+                let (cookie, parameter) = match text.get_ref().split_once('|') {
+                    Some((cookie, parameter)) => (cookie, parameter),
+                    None => (text.get_ref().as_str(), text.get_ref().as_str()),
+                };
+                let name = |part: &str| (!part.trim().is_empty()).then(|| part.trim().to_string());
+                let sticky = StickySession {
+                    cookie: name(cookie),
+                    parameter: name(parameter),
+                };
+                if sticky.cookie.is_none() && sticky.parameter.is_none() {
+                    self.error(
+                        text.span(),
+                        "stickysession needs a cookie or parameter name",
+                    );
+                    return None;
+                }
+                Some(sticky)
+            });
+            let sticky_cookie = cluster
+                .sticky_cookie
+                .and_then(|raw| self.sticky_cookie(raw));
+            let retry = match &cluster.retry {
+                None => Duration::from_secs(60),
+                Some(text) => humantime::parse_duration(text.get_ref()).unwrap_or_else(|error| {
+                    self.error(
+                        text.span(),
+                        format!("retry {:?}: {error} (e.g. \"60s\")", text.get_ref()),
+                    );
+                    Duration::from_secs(60)
+                }),
+            };
+            let members: Vec<MemberConfig> = members;
+            if (sticky.is_some() || sticky_cookie.is_some())
+                && !members.iter().any(|m| m.route.is_some())
+            {
+                self.error(
+                    cluster.name.span(),
+                    format!("cluster {name:?} is sticky but no member has a route"),
+                );
+            }
             clusters.push(ClusterConfig {
                 name,
                 lbmethod,
+                hash_key,
+                sticky,
+                sticky_cookie,
+                retry,
                 members,
                 member_tls,
             });
@@ -555,13 +705,106 @@ impl Checker<'_> {
                 }
             },
         };
+        let status = match &raw.status {
+            None => MemberStatus::Active,
+            Some(text) => match text.get_ref().as_str() {
+                "active" => MemberStatus::Active,
+                "standby" | "+H" => MemberStatus::Standby,
+                "drain" | "+N" => MemberStatus::Drain,
+                "disabled" | "+D" => MemberStatus::Disabled,
+                other => {
+                    self.error(
+                        text.span(),
+                        format!(
+                            "member status {other:?}: expected active, standby (+H), drain (+N) \
+                             or disabled (+D)"
+                        ),
+                    );
+                    return None;
+                }
+            },
+        };
+        let route = match raw.route {
+            Some(route)
+                if !route.get_ref().is_empty()
+                    && route
+                        .get_ref()
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b)) =>
+            {
+                Some(route.into_inner())
+            }
+            Some(route) => {
+                self.error(route.span(), "route must be letters, digits, '-' or '_'");
+                return None;
+            }
+            None => None,
+        };
+        let max_conns = match raw.max_conns {
+            None => None,
+            Some(max) => match u64::try_from(*max.get_ref()) {
+                Ok(n @ 1..) => Some(n),
+                _ => {
+                    self.error(max.span(), "max_conns must be at least 1");
+                    return None;
+                }
+            },
+        };
         match MemberConfig::parse(raw.url.get_ref(), weight) {
-            Ok(member) => Some(member),
+            Ok(member) => Some(MemberConfig {
+                route,
+                status,
+                max_conns,
+                ..member
+            }),
             Err(message) => {
                 self.error(raw.url.span(), message);
                 None
             }
         }
+    }
+
+    fn sticky_cookie(&mut self, raw: Spanned<RawStickyCookie>) -> Option<StickyCookie> {
+        let span = raw.span();
+        let raw = raw.into_inner();
+        let token = |text: &str| {
+            !text.is_empty()
+                && text
+                    .bytes()
+                    .all(|b| b.is_ascii_graphic() && !b";,=\"\\".contains(&b))
+        };
+        if !token(&raw.name) {
+            self.error(
+                span,
+                format!("sticky_cookie name {:?} is not a cookie name", raw.name),
+            );
+            return None;
+        }
+        let path = raw.path.unwrap_or_else(|| "/".into());
+        if !path.starts_with('/') || !path.bytes().all(|b| b.is_ascii_graphic() && b != b';') {
+            self.error(
+                span,
+                format!("sticky_cookie path {path:?} must start with /"),
+            );
+            return None;
+        }
+        let max_age = match raw.max_age {
+            None => None,
+            Some(text) => match humantime::parse_duration(&text) {
+                Ok(age) => Some(age),
+                Err(error) => {
+                    self.error(span, format!("sticky_cookie max_age {text:?}: {error}"));
+                    return None;
+                }
+            },
+        };
+        Some(StickyCookie {
+            name: raw.name,
+            path,
+            secure: raw.secure.unwrap_or(false),
+            http_only: raw.http_only.unwrap_or(true),
+            max_age,
+        })
     }
 
     fn path(&self, text: &str) -> PathBuf {
@@ -739,6 +982,10 @@ pub fn quick(form: &QuickForm) -> Result<Config, ConfigErrors> {
         clusters: vec![ClusterConfig {
             name: "default".into(),
             lbmethod,
+            hash_key: HashKey::ClientIp,
+            sticky: None,
+            sticky_cookie: None,
+            retry: Duration::from_secs(60),
             members,
             member_tls: MemberTlsSettings::default(),
         }],
@@ -755,6 +1002,9 @@ impl MemberConfig {
             weight,
             tls,
             host,
+            route: None,
+            status: MemberStatus::Active,
+            max_conns: None,
         })
     }
 }

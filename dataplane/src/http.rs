@@ -18,7 +18,7 @@ use hyper::{Method, Request, Response, StatusCode, Version};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
-use crate::balancer::Lease;
+use crate::balancer::{Lease, NoMember, PickRequest};
 use crate::config::ServerSettings;
 use crate::router::{Cluster, Member};
 use crate::server::Shared;
@@ -221,7 +221,7 @@ async fn handle(
     let forwarded = forwarded_headers(&parts.headers, client, host.as_deref(), entry.tls);
     let attempt = tokio::time::timeout(
         shared.settings.handshake_timeout,
-        upgrade_member(cluster, &parts.method, &path, &forwarded, &shared),
+        upgrade_member(cluster, &parts.method, &path, &forwarded, client, &shared),
     )
     .await;
     let switched = match attempt {
@@ -243,6 +243,9 @@ async fn handle(
     let mut response = Response::new(Empty::new().map_err(|never| match never {}).boxed());
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     *response.headers_mut() = switched.headers;
+    if let Some(cookie) = switched.route_cookie {
+        response.headers_mut().append(header::SET_COOKIE, cookie);
+    }
     let dataplane = Arc::clone(&shared.dataplane);
     shared.stats.upgrades.fetch_add(1, Ordering::Relaxed);
     tokio::spawn(async move {
@@ -278,6 +281,8 @@ struct Switched {
     /// Bytes the member sent right after its 101.
     early: Bytes,
     lease: Lease,
+    /// `Set-Cookie` for the route cookie, when the client needs one.
+    route_cookie: Option<HeaderValue>,
 }
 
 enum MemberAnswer {
@@ -289,7 +294,20 @@ enum MemberAnswer {
 /// Why no member took the request; `retry` errors were tried on the next member.
 enum Failure {
     NoMemberUsable,
+    /// Every member that could take it is at its connection limit.
+    AllFull,
     AllFailed(Vec<String>),
+}
+
+impl Failure {
+    /// Nothing could be tried (`no_member`), or everything tried failed (`reasons`).
+    fn of(no_member: NoMember, reasons: Vec<String>) -> Failure {
+        match (reasons.is_empty(), no_member) {
+            (false, _) => Failure::AllFailed(reasons),
+            (true, NoMember::AllFull) => Failure::AllFull,
+            (true, NoMember::NoneUsable) => Failure::NoMemberUsable,
+        }
+    }
 }
 
 impl Failure {
@@ -303,6 +321,17 @@ impl Failure {
                 text(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "no member can take this request",
+                )
+            }
+            Failure::AllFull => {
+                tracing::warn!(
+                    "client {client}: 503: every usable member of cluster {} is at its \
+                     connection limit",
+                    cluster.name
+                );
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "every member is at its connection limit",
                 )
             }
             Failure::AllFailed(reasons) => {
@@ -407,11 +436,22 @@ async fn upgrade_member(
     method: &Method,
     path: &str,
     headers: &HeaderMap,
+    client: SocketAddr,
     shared: &Shared,
 ) -> Result<MemberAnswer, Failure> {
     let mut tried = vec![false; cluster.members.len()];
     let mut reasons = Vec::new();
-    while let Some(lease) = Lease::pick(&cluster.balancer, |index| !tried[index]) {
+    let (route, hash) = affinity(cluster, headers, path, client);
+    let no_member = loop {
+        let request = PickRequest {
+            now_ms: shared.router.now_ms(),
+            hash,
+            route: route.as_deref(),
+        };
+        let (lease, picked) = match Lease::pick(&cluster.balancer, &request, |i| tried[i]) {
+            Ok(picked) => picked,
+            Err(no_member) => break no_member,
+        };
         let index = lease.member();
         tried[index] = true;
         let member = &cluster.members[index];
@@ -419,6 +459,7 @@ async fn upgrade_member(
         let stream = match open_member(member, &shared.settings, kernel_tls).await {
             Ok(stream) => stream,
             Err(reason) => {
+                member_failed(cluster, index, &reason, shared);
                 reasons.push(reason);
                 continue;
             }
@@ -429,7 +470,9 @@ async fn upgrade_member(
             {
                 Ok(parts) => parts,
                 Err(error) => {
-                    reasons.push(format!("{}: {error}", member.address));
+                    let reason = format!("{}: {error}", member.url);
+                    member_failed(cluster, index, &reason, shared);
+                    reasons.push(reason);
                     continue;
                 }
             };
@@ -445,7 +488,9 @@ async fn upgrade_member(
             Ok(response) => response,
             Err(error) => {
                 // Nothing was answered: the next member may take the same request.
-                reasons.push(format!("{}: {error}", member.address));
+                let reason = format!("{}: {error}", member.url);
+                member_failed(cluster, index, &reason, shared);
+                reasons.push(reason);
                 continue;
             }
         };
@@ -461,7 +506,9 @@ async fn upgrade_member(
         let upgraded = match hyper::upgrade::on(&mut response).await {
             Ok(upgraded) => upgraded,
             Err(error) => {
-                reasons.push(format!("{}: upgrade: {error}", member.address));
+                let reason = format!("{}: upgrade: {error}", member.url);
+                member_failed(cluster, index, &reason, shared);
+                reasons.push(reason);
                 continue;
             }
         };
@@ -473,18 +520,65 @@ async fn upgrade_member(
                 ]));
             }
         };
+        // A client without a usable route learns its member's.
+        let route_cookie = match (&cluster.sticky_cookie, picked.sticky) {
+            (Some(cookie), false) => crate::balancer::lock(&cluster.balancer)
+                .route(index)
+                .map(|route| crate::router::route_cookie(cookie, route))
+                .and_then(|value| HeaderValue::from_str(&value).ok()),
+            _ => None,
+        };
         return Ok(MemberAnswer::Switched(Switched {
             headers,
             stream: parts.io.into_inner(),
             early: parts.read_buf,
             lease,
+            route_cookie,
         }));
-    }
-    if reasons.is_empty() {
-        Err(Failure::NoMemberUsable)
-    } else {
-        Err(Failure::AllFailed(reasons))
-    }
+    };
+    Err(Failure::of(no_member, reasons))
+}
+
+/// Passive health: a member that failed a connect or an upgrade stays out for `retry`.
+fn member_failed(cluster: &Cluster, index: usize, reason: &str, shared: &Shared) {
+    crate::balancer::lock(&cluster.balancer).failed(index, shared.router.now_ms());
+    tracing::warn!(
+        "member {} of cluster {} failed ({reason}); not used for {:?}",
+        cluster.members[index].url,
+        cluster.name,
+        cluster.retry
+    );
+}
+
+/// The sticky route and the hash key a request carries for its cluster.
+fn affinity(
+    cluster: &Cluster,
+    headers: &HeaderMap,
+    path: &str,
+    client: SocketAddr,
+) -> (Option<String>, Option<u64>) {
+    let cookies: Vec<&str> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .collect();
+    let query = path.split_once('?').map(|(_, query)| query);
+    let route = cluster
+        .sticky
+        .as_ref()
+        .and_then(|sticky| crate::router::sticky_route(sticky, &cookies, query));
+    let hash = (cluster.lbmethod == crate::config::LbMethod::Hash)
+        .then(|| {
+            let header = |name: &str| {
+                headers
+                    .get(name)
+                    .and_then(|value| value.to_str().ok())
+                    .map(str::to_owned)
+            };
+            crate::router::hash_of(&cluster.hash_key, client.ip(), header, &cookies)
+        })
+        .flatten();
+    (route, hash)
 }
 
 /// Hop-by-hop headers (RFC 9110 section 7.6.1) that a proxy does not forward.
@@ -531,12 +625,29 @@ async fn proxy_plain(
     }
     let mut tried = vec![false; cluster.members.len()];
     let mut reasons = Vec::new();
-    while let Some(lease) = Lease::pick(&cluster.balancer, |index| !tried[index]) {
-        tried[lease.member()] = true;
-        let member = &cluster.members[lease.member()];
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    let (route, hash) = affinity(cluster, &parts.headers, &path, client);
+    let no_member = loop {
+        let request = PickRequest {
+            now_ms: shared.router.now_ms(),
+            hash,
+            route: route.as_deref(),
+        };
+        let lease = match Lease::pick(&cluster.balancer, &request, |i| tried[i]) {
+            Ok((lease, _)) => lease,
+            Err(no_member) => break no_member,
+        };
+        let index = lease.member();
+        tried[index] = true;
+        let member = &cluster.members[index];
         let stream = match open_member(member, &shared.settings, false).await {
             Ok(stream) => stream,
             Err(reason) => {
+                member_failed(cluster, index, &reason, shared);
                 reasons.push(reason);
                 continue;
             }
@@ -568,12 +679,8 @@ async fn proxy_plain(
                 text(StatusCode::BAD_GATEWAY, "the member failed to answer")
             }
         };
-    }
-    if reasons.is_empty() {
-        Failure::NoMemberUsable.response(client, cluster)
-    } else {
-        Failure::AllFailed(reasons).response(client, cluster)
-    }
+    };
+    Failure::of(no_member, reasons).response(client, cluster)
 }
 
 #[cfg(test)]

@@ -3,8 +3,8 @@
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use crate::balancer::{Balancer, SharedBalancer};
-use crate::config::{Config, LbMethod};
+use crate::balancer::{Balancer, MemberSpec, SharedBalancer};
+use crate::config::{Config, HashKey, LbMethod, StickyCookie, StickySession};
 
 #[derive(Debug)]
 pub struct Member {
@@ -34,6 +34,10 @@ impl std::fmt::Debug for MemberTls {
 pub struct Cluster {
     pub name: String,
     pub lbmethod: LbMethod,
+    pub hash_key: HashKey,
+    pub sticky: Option<StickySession>,
+    pub sticky_cookie: Option<StickyCookie>,
+    pub retry: std::time::Duration,
     pub members: Vec<Member>,
     pub balancer: SharedBalancer,
 }
@@ -47,6 +51,8 @@ struct RouteEntry {
 
 #[derive(Debug)]
 pub struct Router {
+    /// The balancers' clock starts here.
+    epoch: std::time::Instant,
     routes: Vec<RouteEntry>,
     pub clusters: Vec<Cluster>,
 }
@@ -57,7 +63,6 @@ impl Router {
     pub fn new(config: &Config) -> Result<Self, String> {
         let mut clusters = Vec::new();
         for cluster in &config.clusters {
-            let weights: Vec<u32> = cluster.members.iter().map(|m| m.weight).collect();
             let connector = if cluster.members.iter().any(|m| m.tls) {
                 let config = crate::tls::client_config(&cluster.member_tls)
                     .map_err(|error| format!("cluster {}: {error}", cluster.name))?;
@@ -84,11 +89,27 @@ impl Router {
                     tls,
                 });
             }
+            let specs = cluster
+                .members
+                .iter()
+                .map(|member| MemberSpec {
+                    key: crate::balancer::stable_hash(member.url.as_bytes()),
+                    weight: member.weight,
+                    status: member.status,
+                    route: member.route.clone(),
+                    max_conns: member.max_conns,
+                })
+                .collect();
+            let retry_ms = u64::try_from(cluster.retry.as_millis()).unwrap_or(u64::MAX);
             clusters.push(Cluster {
                 name: cluster.name.clone(),
                 lbmethod: cluster.lbmethod,
+                hash_key: cluster.hash_key.clone(),
+                sticky: cluster.sticky.clone(),
+                sticky_cookie: cluster.sticky_cookie.clone(),
+                retry: cluster.retry,
                 members,
-                balancer: Arc::new(Mutex::new(Balancer::new(cluster.lbmethod, &weights))),
+                balancer: Arc::new(Mutex::new(Balancer::new(cluster.lbmethod, specs, retry_ms))),
             });
         }
         let routes = config
@@ -100,7 +121,16 @@ impl Router {
                 cluster: route.cluster,
             })
             .collect();
-        Ok(Router { routes, clusters })
+        Ok(Router {
+            epoch: std::time::Instant::now(),
+            routes,
+            clusters,
+        })
+    }
+
+    /// Milliseconds since start: the time balancers are given.
+    pub fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
     /// The cluster for a request, given its Host header (port allowed) and path.
@@ -136,6 +166,71 @@ fn path_has_prefix(path: &str, prefix: &str) -> bool {
     let prefix = prefix.trim_end_matches('/');
     path.strip_prefix(prefix)
         .is_some_and(|rest| rest.is_empty() || rest.starts_with('/') || rest.starts_with('?'))
+}
+
+/// The route a request names for `sticky`: from its cookie, else its URL parameter; a value
+/// `session.route` names `route` (Apache's form), a value without a dot is the route itself.
+pub fn sticky_route(
+    sticky: &StickySession,
+    cookies: &[&str],
+    query: Option<&str>,
+) -> Option<String> {
+    let route_of = |value: &str| {
+        let route = value.split_once('.').map_or(value, |(_, route)| route);
+        (!route.is_empty()).then(|| route.to_string())
+    };
+    let from_cookie = sticky
+        .cookie
+        .as_deref()
+        .and_then(|name| cookie_value(cookies, name).and_then(route_of));
+    from_cookie.or_else(|| {
+        let name = sticky.parameter.as_deref()?;
+        query?
+            .split(['&', ';'])
+            .filter_map(|pair| pair.split_once('='))
+            .find(|(key, _)| *key == name)
+            .and_then(|(_, value)| route_of(value))
+    })
+}
+
+/// The value of cookie `name` among `Cookie` header values.
+pub fn cookie_value<'a>(cookies: &[&'a str], name: &str) -> Option<&'a str> {
+    cookies
+        .iter()
+        .flat_map(|header| header.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(key, _)| *key == name)
+        .map(|(_, value)| value.trim_matches('"'))
+}
+
+/// The hashed key of consistent hashing; None when the request lacks it (spread instead).
+pub fn hash_of(
+    key: &HashKey,
+    client: std::net::IpAddr,
+    header: impl Fn(&str) -> Option<String>,
+    cookies: &[&str],
+) -> Option<u64> {
+    use crate::balancer::stable_hash;
+    match key {
+        HashKey::ClientIp => Some(stable_hash(client.to_string().as_bytes())),
+        HashKey::Header(name) => header(name).map(|value| stable_hash(value.as_bytes())),
+        HashKey::Cookie(name) => cookie_value(cookies, name).map(|v| stable_hash(v.as_bytes())),
+    }
+}
+
+/// The `Set-Cookie` value that makes a client sticky to `route` (Apache's `.route` form).
+pub fn route_cookie(cookie: &StickyCookie, route: &str) -> String {
+    let mut value = format!("{}=.{route}; Path={}", cookie.name, cookie.path);
+    if let Some(age) = cookie.max_age {
+        value.push_str(&format!("; Max-Age={}", age.as_secs()));
+    }
+    if cookie.secure {
+        value.push_str("; Secure");
+    }
+    if cookie.http_only {
+        value.push_str("; HttpOnly");
+    }
+    value
 }
 
 #[cfg(test)]

@@ -1,0 +1,207 @@
+//! Balancing with real members: sticky sessions (cookie and URL parameter, Apache's forms),
+//! a sticky member that is down, hot standby, connection limits and consistent hashing.
+
+mod common;
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::Duration;
+
+use common::*;
+use wsplice::config::DataplaneMode;
+use wsplice::server::ServerHandle;
+
+/// A wsplice serving one cluster: `cluster` holds the cluster's keys, `members` one line of
+/// member keys each (url first).
+fn proxy(cluster: &str, members: &[String]) -> ServerHandle {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let mut text = format!(
+        "[[listener]]\naddress = \"127.0.0.1:0\"\n[[route]]\npath = \"/\"\ncluster = \"c\"\n\
+         [[cluster]]\nname = \"c\"\n{cluster}\n"
+    );
+    for member in members {
+        text.push_str(&format!("[[cluster.member]]\n{member}\n"));
+    }
+    let mut config = wsplice::config::parse("balancing.toml", &text).unwrap();
+    config.server.workers = 2;
+    config.server.dataplane = DataplaneMode::Userspace;
+    wsplice::server::start(config).unwrap()
+}
+
+fn url(member: &Member) -> String {
+    format!("url = \"ws://{}\"", member.address)
+}
+
+/// A port nothing listens on: a member that is down.
+fn dead_url() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap();
+    drop(listener);
+    format!("url = \"ws://{address}\"")
+}
+
+/// One upgrade (request `path`, extra header lines), closed at once; returns the 101's head
+/// and the index of the member that took it.
+fn upgrade(
+    proxy: SocketAddr,
+    members: &[Member],
+    id: u64,
+    path: &str,
+    extra: &str,
+) -> (String, usize) {
+    let mut stream = TcpStream::connect(proxy).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let request = upgrade_request(&ClientPlan::simple(id, 0, 0))
+        .replacen("GET /ws ", &format!("GET {path} "), 1)
+        .replacen("x-test-id", &format!("{extra}x-test-id"), 1);
+    stream.write_all(request.as_bytes()).unwrap();
+    let (head, _) = read_head(&mut stream).unwrap();
+    assert!(head.starts_with("HTTP/1.1 101"), "connection {id}: {head}");
+    drop(stream);
+    let report = wait_for_report(members, id, Duration::from_secs(10)).unwrap();
+    (head, report.member)
+}
+
+fn set_cookie(head: &str) -> Option<&str> {
+    header(head, "set-cookie")
+}
+
+const STICKY: &str =
+    "stickysession = \"ROUTEID|route\"\nsticky_cookie = { name = \"ROUTEID\", max_age = \"1h\" }";
+
+#[test]
+fn a_thousand_reconnects_with_the_sticky_cookie_reach_the_same_member() {
+    let members = start_members(3);
+    let lines: Vec<String> = members
+        .iter()
+        .enumerate()
+        .map(|(i, m)| format!("{}\nroute = \"server{}\"", url(m), i + 1))
+        .collect();
+    let proxy = proxy(STICKY, &lines);
+    let address = proxy.addresses[0];
+    // A first visit learns its route from the 101.
+    let (head, first) = upgrade(address, &members, 1, "/ws", "");
+    let expected = format!(
+        "ROUTEID=.server{}; Path=/; Max-Age=3600; HttpOnly",
+        first + 1
+    );
+    assert_eq!(set_cookie(&head), Some(expected.as_str()), "{head}");
+    let cookie = format!("Cookie: theme=dark; ROUTEID=.server{}\r\n", first + 1);
+    for id in 2..1_002 {
+        let (head, member) = upgrade(address, &members, id, "/ws", &cookie);
+        assert_eq!(member, first, "reconnect {id} went elsewhere");
+        assert_eq!(
+            set_cookie(&head),
+            None,
+            "a sticky client needs no new cookie"
+        );
+    }
+    // Apache's URL parameter form, and the whole value as the route.
+    let (_, member) = upgrade(address, &members, 2_000, "/ws?x=1&route=s.server3", "");
+    assert_eq!(member, 2);
+    let (_, member) = upgrade(
+        address,
+        &members,
+        2_001,
+        "/ws",
+        "Cookie: ROUTEID=server2\r\n",
+    );
+    assert_eq!(member, 1);
+    proxy.stop();
+}
+
+#[test]
+fn a_sticky_member_that_is_down_is_replaced_and_the_cookie_rewritten() {
+    let members = start_members(2);
+    let lines = vec![
+        format!("{}\nroute = \"server1\"", dead_url()),
+        format!("{}\nroute = \"server2\"", url(&members[0])),
+        format!("{}\nroute = \"server3\"", url(&members[1])),
+    ];
+    let proxy = proxy(STICKY, &lines);
+    let address = proxy.addresses[0];
+    for id in 1..=20 {
+        let (head, member) = upgrade(address, &members, id, "/ws", "Cookie: ROUTEID=.server1\r\n");
+        let cookie = set_cookie(&head).unwrap_or_default().to_string();
+        assert!(
+            cookie.starts_with(&format!("ROUTEID=.server{}", member + 2)),
+            "connection {id}: member {member}, cookie {cookie:?}"
+        );
+    }
+    proxy.stop();
+}
+
+#[test]
+fn hot_standby_takes_over_only_when_every_active_member_is_out() {
+    let members = start_members(2);
+    let standby = format!("{}\nstatus = \"+H\"", url(&members[1]));
+    // One active member up: the standby gets nothing.
+    let proxy_up = proxy("", &[url(&members[0]), dead_url(), standby.clone()]);
+    for id in 1..=200 {
+        let (_, member) = upgrade(proxy_up.addresses[0], &members, id, "/ws", "");
+        assert_eq!(member, 0, "connection {id}");
+    }
+    proxy_up.stop();
+    // Every active member down: the standby takes all, with no failed upgrade.
+    let proxy_down = proxy("retry = \"60s\"", &[dead_url(), dead_url(), standby]);
+    for id in 1_001..=1_200 {
+        let (_, member) = upgrade(proxy_down.addresses[0], &members, id, "/ws", "");
+        assert_eq!(member, 1, "connection {id}");
+    }
+    proxy_down.stop();
+}
+
+#[test]
+fn a_member_at_its_connection_limit_is_skipped_then_503() {
+    let members = start_members(2);
+    let proxy = proxy(
+        "lbmethod = \"least-conn\"",
+        &[
+            format!("{}\nmax_conns = 2", url(&members[0])),
+            format!("{}\nmax_conns = 1", url(&members[1])),
+        ],
+    );
+    let address = proxy.addresses[0];
+    let held: Vec<Held> = (1..=3).map(|id| Held::open(address, id)).collect();
+    let (status, answer) = raw_exchange(
+        address,
+        upgrade_request(&ClientPlan::simple(9, 0, 0)).as_bytes(),
+    );
+    assert!(status.starts_with("HTTP/1.1 503"), "{status}");
+    assert!(answer.contains("connection limit"), "{answer}");
+    drop(held);
+    assert_no_state_left(&proxy);
+    let (_, member) = upgrade(address, &members, 10, "/ws", "");
+    assert!(member < 2);
+    proxy.stop();
+}
+
+#[test]
+fn hashing_a_header_pins_each_key_to_one_member() {
+    let members = start_members(3);
+    let lines: Vec<String> = members.iter().map(url).collect();
+    let proxy = proxy("lbmethod = \"hash\"\nhash_key = \"header:X-User\"", &lines);
+    let address = proxy.addresses[0];
+    let mut per_member = [0; 3];
+    let mut id = 0;
+    for user in 0..60 {
+        let extra = format!("X-User: user-{user}\r\n");
+        let mut first = None;
+        for _ in 0..5 {
+            id += 1;
+            let (_, member) = upgrade(address, &members, id, "/ws", &extra);
+            assert_eq!(*first.get_or_insert(member), member, "user {user} moved");
+        }
+        per_member[first.unwrap()] += 1;
+    }
+    assert!(
+        per_member.iter().all(|&n| n >= 10),
+        "users per member: {per_member:?}"
+    );
+    proxy.stop();
+}
