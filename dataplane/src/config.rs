@@ -1159,6 +1159,93 @@ weight = 3
         assert!(lines.contains(&line_of("\"nope\"")), "{errors}");
     }
 
+    /// The seed's balancer: routes, sticky sessions, a hot standby.
+    const STICKY: &str = r#"
+[[listener]]
+address = "127.0.0.1:8080"
+[[route]]
+path = "/ws"
+cluster = "websocketcluster"
+[[cluster]]
+name = "websocketcluster"
+lbmethod = "byrequests"
+stickysession = "SESSIONID|jsessionid"
+sticky_cookie = { name = "ROUTEID", path = "/ws", secure = true, max_age = "2h" }
+retry = "30s"
+[[cluster.member]]
+url = "ws://127.0.0.1:3001"
+route = "server1"
+[[cluster.member]]
+url = "ws://127.0.0.1:3002"
+route = "server2"
+max_conns = 5000
+[[cluster.member]]
+url = "ws://127.0.0.1:3003"
+route = "server3"
+status = "+H"
+"#;
+
+    #[test]
+    fn balancing_keys_are_read() {
+        let config = parse("sticky.toml", STICKY).unwrap();
+        let cluster = &config.clusters[0];
+        assert_eq!(
+            cluster.sticky,
+            Some(StickySession {
+                cookie: Some("SESSIONID".into()),
+                parameter: Some("jsessionid".into()),
+            })
+        );
+        let cookie = cluster.sticky_cookie.as_ref().unwrap();
+        assert_eq!(
+            (
+                cookie.name.as_str(),
+                cookie.path.as_str(),
+                cookie.secure,
+                cookie.http_only
+            ),
+            ("ROUTEID", "/ws", true, true)
+        );
+        assert_eq!(cookie.max_age, Some(Duration::from_secs(7200)));
+        assert_eq!(cluster.retry, Duration::from_secs(30));
+        assert_eq!(cluster.members[1].route.as_deref(), Some("server2"));
+        assert_eq!(cluster.members[1].max_conns, Some(5000));
+        assert_eq!(cluster.members[2].status, MemberStatus::Standby);
+        let hashed = STICKY.replace(
+            "lbmethod = \"byrequests\"",
+            "lbmethod = \"hash\"\nhash_key = \"cookie:uid\"",
+        );
+        let config = parse("hash.toml", &hashed).unwrap();
+        assert_eq!(config.clusters[0].lbmethod, LbMethod::Hash);
+        assert_eq!(config.clusters[0].hash_key, HashKey::Cookie("uid".into()));
+    }
+
+    #[test]
+    fn bad_balancing_keys_name_their_lines() {
+        let text = STICKY
+            .replace("\"+H\"", "\"+X\"")
+            .replace("max_conns = 5000", "max_conns = 0")
+            .replace("route = \"server1\"", "route = \"server 1\"")
+            .replace("retry = \"30s\"", "retry = \"soon\"")
+            .replace(
+                "lbmethod = \"byrequests\"",
+                "lbmethod = \"hash\"\nhash_key = \"ip\"",
+            );
+        let errors = parse("bad.toml", &text).unwrap_err();
+        let lines: Vec<usize> = errors.0.iter().map(|e| e.line).collect();
+        let line_of = |needle: &str| text.lines().position(|l| l.contains(needle)).unwrap() + 1;
+        for needle in ["+X", "max_conns = 0", "server 1", "soon", "hash_key"] {
+            assert!(lines.contains(&line_of(needle)), "{needle}: {errors}");
+        }
+        // Sticky with no route anywhere is a mistake worth a line.
+        let routeless = STICKY.replace("route = \"server", "# route = \"server");
+        let errors = parse("routeless.toml", &routeless).unwrap_err();
+        assert!(
+            errors.to_string().contains("no member has a route"),
+            "{errors}"
+        );
+    }
+
     #[test]
     fn a_syntax_error_names_its_line() {
         let errors = parse("x.toml", "[server]\nworkers = = 2\n").unwrap_err();

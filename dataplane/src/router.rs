@@ -261,6 +261,61 @@ url = "ws://127.0.0.1:3002"
     }
 
     #[test]
+    fn sticky_routes_come_from_the_cookie_then_the_parameter() {
+        let sticky = StickySession {
+            cookie: Some("JSESSIONID".into()),
+            parameter: Some("jsessionid".into()),
+        };
+        let route = |cookies: &[&str], query| sticky_route(&sticky, cookies, query);
+        assert_eq!(
+            route(&["a=1; JSESSIONID=abc.server2"], None).as_deref(),
+            Some("server2")
+        );
+        assert_eq!(
+            route(&["JSESSIONID=server3"], None).as_deref(),
+            Some("server3")
+        );
+        assert_eq!(
+            route(&["JSESSIONID=.server1"], Some("jsessionid=x.server2")).as_deref(),
+            Some("server1")
+        );
+        assert_eq!(
+            route(&[], Some("a=b&jsessionid=x.server2")).as_deref(),
+            Some("server2")
+        );
+        assert_eq!(route(&["JSESSIONID=abc."], None), None);
+        assert_eq!(route(&["OTHER=x.server1"], Some("x=1")), None);
+    }
+
+    #[test]
+    fn hash_keys_and_route_cookies() {
+        let ip: std::net::IpAddr = "192.0.2.7".parse().unwrap();
+        let none = |_: &str| None;
+        let by_ip = hash_of(&HashKey::ClientIp, ip, none, &[]);
+        assert_eq!(by_ip, hash_of(&HashKey::ClientIp, ip, none, &[]));
+        assert_ne!(
+            by_ip,
+            hash_of(&HashKey::ClientIp, "192.0.2.8".parse().unwrap(), none, &[])
+        );
+        assert_eq!(
+            hash_of(&HashKey::Header("x-user".into()), ip, none, &[]),
+            None
+        );
+        assert!(hash_of(&HashKey::Cookie("uid".into()), ip, none, &["uid=42"]).is_some());
+        let cookie = StickyCookie {
+            name: "ROUTEID".into(),
+            path: "/ws".into(),
+            secure: true,
+            http_only: true,
+            max_age: Some(std::time::Duration::from_secs(60)),
+        };
+        assert_eq!(
+            route_cookie(&cookie, "server1"),
+            "ROUTEID=.server1; Path=/ws; Max-Age=60; Secure; HttpOnly"
+        );
+    }
+
+    #[test]
     fn host_and_prefix_pick_the_cluster() {
         let router = router();
         let name = |host, path| router.route(host, path).map(|c| c.name.as_str());
