@@ -352,6 +352,11 @@ impl Lease {
     pub fn member(&self) -> usize {
         self.member
     }
+
+    /// Bytes the tunnel moved, both ways (bytraffic weighs members by them).
+    pub fn record_traffic(&self, bytes: u64) {
+        lock(&self.balancer).record_traffic(self.member, bytes);
+    }
 }
 
 impl Drop for Lease {

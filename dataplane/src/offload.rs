@@ -310,7 +310,7 @@ impl Sockmap {
                 Flow::new(into_member, pair.redirect_limit),
                 Flow::new(into_client, pair.redirect_limit),
             ],
-            _lease: pair.lease,
+            lease: pair.lease,
             generation: 0,
         };
         let _ = self.handoff.send(tunnel);
@@ -391,7 +391,7 @@ struct Tunnel {
     sides: [Side; 2],
     flows: [Flow; 2],
     /// Returns the member's live count to the balancer when the tunnel ends.
-    _lease: Lease,
+    lease: Lease,
     generation: u32,
 }
 
@@ -607,7 +607,9 @@ impl Watcher {
             self.stats.pairs_aborted.fetch_add(1, Ordering::Relaxed);
         }
         // The epoll registrations go with the sockets: nothing else holds their descriptors.
+        let mut moved = 0;
         for (side, flow) in tunnel.sides.iter().zip(&tunnel.flows) {
+            moved += flow.relayed;
             self.by_cookie.remove(&side.cookie);
             // After the source's EOF the verdict sees nothing more: the last lookup is final.
             let counters = if flow.source_eof {
@@ -618,6 +620,7 @@ impl Watcher {
                     .flatten()
             };
             if let Some(counters) = counters {
+                moved += counters.redirected;
                 self.stats
                     .bytes_redirected
                     .fetch_add(counters.redirected, Ordering::Relaxed);
@@ -635,6 +638,7 @@ impl Watcher {
                 let _ = side.stream.shutdown(Shutdown::Both);
             }
         }
+        tunnel.lease.record_traffic(moved);
         self.free.push(slot);
         self.stats.pairs_open.fetch_sub(1, Ordering::Relaxed);
         drop(tunnel);

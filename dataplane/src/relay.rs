@@ -38,6 +38,8 @@ pub struct RelayStats {
 struct Counted<'a, S> {
     stream: S,
     relayed: &'a AtomicU64,
+    /// Bytes read from this stream.
+    read: u64,
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Counted<'_, S> {
@@ -50,6 +52,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<'_, S> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut this.stream).poll_read(cx, buf);
         let read = buf.filled().len() - before;
+        this.read += read as u64;
         this.relayed.fetch_add(read as u64, Ordering::Relaxed);
         polled
     }
@@ -89,10 +92,12 @@ where
     let mut client = Counted {
         stream: client,
         relayed,
+        read: 0,
     };
     let mut member = Counted {
         stream: member,
         relayed,
+        read: 0,
     };
     let result = copy_pair(&mut client, &mut member).await;
     if result.is_err() {
@@ -100,6 +105,7 @@ where
         let _ = client.shutdown().await;
         let _ = member.shutdown().await;
     }
+    lease.record_traffic(client.read + member.read);
     drop(lease);
     result
 }

@@ -154,7 +154,9 @@ struct Carried {
     legs: [Leg; 2],
     directions: [Direction; 2],
     failed: bool,
-    _lease: Lease,
+    /// Bytes spliced into either destination.
+    moved: u64,
+    lease: Lease,
 }
 
 struct Carrier {
@@ -253,7 +255,8 @@ impl Carrier {
             directions: [direction(&pair.client), direction(&pair.member)],
             legs: [pair.client, pair.member],
             failed: false,
-            _lease: pair.lease,
+            moved: 0,
+            lease: pair.lease,
         };
         let slot = match self.free_slots.pop() {
             Some(slot) => {
@@ -449,6 +452,7 @@ impl Carrier {
             return;
         }
         if let Some(mut pair) = self.pairs[slot].take() {
+            pair.lease.record_traffic(pair.moved);
             for direction in &mut pair.directions {
                 // A failed pair's pipe may still hold bytes: only empty ones are reused.
                 if direction.in_pipe == 0
@@ -503,6 +507,7 @@ fn transition(
             read_control_record(source, control)
         }
         (Step::Drain, moved) if moved > 0 => {
+            pair.moved += moved as u64;
             stats.splices.fetch_add(1, Ordering::Relaxed);
             stats
                 .spliced_bytes

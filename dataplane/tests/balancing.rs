@@ -205,3 +205,24 @@ fn hashing_a_header_pins_each_key_to_one_member() {
     );
     proxy.stop();
 }
+
+#[test]
+fn bytraffic_sends_new_tunnels_to_the_member_that_moved_less() {
+    let members = start_members(2);
+    let lines: Vec<String> = members.iter().map(url).collect();
+    let proxy = proxy("lbmethod = \"bytraffic\"", &lines);
+    let address = proxy.addresses[0];
+    // One tunnel moves 8 MiB each way, then ends.
+    let report = run_client(address, &ClientPlan::simple(1, 8 << 20, 8 << 20)).unwrap();
+    assert_eq!(report.received, Ok(8 << 20));
+    let heavy = wait_for_report(&members, 1, Duration::from_secs(10))
+        .unwrap()
+        .member;
+    assert_no_state_left(&proxy);
+    // Small tunnels go to the other member until it has moved as much.
+    for id in 2..=21 {
+        let (_, member) = upgrade(address, &members, id, "/ws", "");
+        assert_ne!(member, heavy, "connection {id}");
+    }
+    proxy.stop();
+}
