@@ -214,6 +214,11 @@ impl Balancer {
         }
     }
 
+    /// Whether active health checks have the member down.
+    pub fn is_down(&self, member: usize) -> bool {
+        self.members.get(member).is_some_and(|slot| slot.down)
+    }
+
     pub fn live(&self, member: usize) -> u64 {
         self.members.get(member).map_or(0, |slot| slot.live)
     }

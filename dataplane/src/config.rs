@@ -191,6 +191,8 @@ pub struct ClusterConfig {
     pub sticky_cookie: Option<StickyCookie>,
     /// How long a member whose connect or upgrade failed stays out (Apache `retry=`).
     pub retry: Duration,
+    /// Active health checks.
+    pub health: Option<HealthSettings>,
     pub members: Vec<MemberConfig>,
     pub member_tls: MemberTlsSettings,
 }
@@ -205,6 +207,31 @@ pub enum MemberStatus {
     Drain,
     /// Never picked (Apache `+D`).
     Disabled,
+}
+
+/// What an active health check does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckKind {
+    /// A TCP connect.
+    Tcp,
+    /// `GET path` answered with `expect_status`.
+    Http,
+    /// A WebSocket upgrade of `path` answered with 101.
+    WebSocket,
+}
+
+/// `health = { check, path, expect_status, interval, timeout, rise, fall }` of a cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthSettings {
+    pub kind: CheckKind,
+    pub path: String,
+    pub expect_status: u16,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Passes in a row that mark a down member up.
+    pub rise: u32,
+    /// Failures in a row that mark an up member down.
+    pub fall: u32,
 }
 
 /// The request key of consistent hashing.
@@ -383,6 +410,7 @@ struct RawCluster {
     stickysession: Option<Spanned<String>>,
     sticky_cookie: Option<Spanned<RawStickyCookie>>,
     retry: Option<Spanned<String>>,
+    health: Option<Spanned<RawHealth>>,
     tls_ca: Option<Spanned<String>>,
     tls_verify: Option<Spanned<bool>>,
     #[serde(default, rename = "member")]
@@ -397,6 +425,18 @@ struct RawMember {
     route: Option<Spanned<String>>,
     status: Option<Spanned<String>>,
     max_conns: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    check: String,
+    path: Option<String>,
+    expect_status: Option<u16>,
+    interval: Option<String>,
+    timeout: Option<String>,
+    rise: Option<u32>,
+    fall: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -567,6 +607,7 @@ impl Checker<'_> {
                     Duration::from_secs(60)
                 }),
             };
+            let health = cluster.health.and_then(|raw| self.health(raw));
             let members: Vec<MemberConfig> = members;
             if (sticky.is_some() || sticky_cookie.is_some())
                 && !members.iter().any(|m| m.route.is_some())
@@ -583,6 +624,7 @@ impl Checker<'_> {
                 sticky,
                 sticky_cookie,
                 retry,
+                health,
                 members,
                 member_tls,
             });
@@ -762,6 +804,66 @@ impl Checker<'_> {
                 None
             }
         }
+    }
+
+    fn health(&mut self, raw: Spanned<RawHealth>) -> Option<HealthSettings> {
+        let span = raw.span();
+        let raw = raw.into_inner();
+        let kind = match raw.check.as_str() {
+            "tcp" => CheckKind::Tcp,
+            "http" => CheckKind::Http,
+            "websocket" => CheckKind::WebSocket,
+            other => {
+                self.error(
+                    span,
+                    format!("health check {other:?}: expected tcp, http or websocket"),
+                );
+                return None;
+            }
+        };
+        let mut duration = |text: Option<String>, default: u64, name: &str| match text {
+            None => Some(Duration::from_secs(default)),
+            Some(text) => match humantime::parse_duration(&text) {
+                Ok(value) if !value.is_zero() => Some(value),
+                Ok(_) => {
+                    self.error(span.clone(), format!("health {name} must not be zero"));
+                    None
+                }
+                Err(error) => {
+                    self.error(span.clone(), format!("health {name} {text:?}: {error}"));
+                    None
+                }
+            },
+        };
+        let interval = duration(raw.interval, 2, "interval")?;
+        let timeout = duration(raw.timeout, 1, "timeout")?;
+        let path = raw.path.unwrap_or_else(|| "/".into());
+        if !path.starts_with('/') || path.bytes().any(|b| !b.is_ascii_graphic()) {
+            self.error(
+                span,
+                format!("health path {path:?} must start with / (no spaces)"),
+            );
+            return None;
+        }
+        let expect_status = raw.expect_status.unwrap_or(200);
+        if !(100..=599).contains(&expect_status) {
+            self.error(span, "health expect_status must be 100..599");
+            return None;
+        }
+        let (rise, fall) = (raw.rise.unwrap_or(2), raw.fall.unwrap_or(3));
+        if rise == 0 || fall == 0 {
+            self.error(span, "health rise and fall must be at least 1");
+            return None;
+        }
+        Some(HealthSettings {
+            kind,
+            path,
+            expect_status,
+            interval,
+            timeout,
+            rise,
+            fall,
+        })
     }
 
     fn sticky_cookie(&mut self, raw: Spanned<RawStickyCookie>) -> Option<StickyCookie> {
@@ -986,6 +1088,7 @@ pub fn quick(form: &QuickForm) -> Result<Config, ConfigErrors> {
             sticky: None,
             sticky_cookie: None,
             retry: Duration::from_secs(60),
+            health: None,
             members,
             member_tls: MemberTlsSettings::default(),
         }],

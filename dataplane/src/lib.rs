@@ -10,6 +10,7 @@
 pub mod balancer;
 pub mod config;
 pub mod dataplane;
+pub mod health;
 pub mod http;
 pub mod offload;
 pub mod relay;

@@ -38,6 +38,7 @@ pub struct Cluster {
     pub sticky: Option<StickySession>,
     pub sticky_cookie: Option<StickyCookie>,
     pub retry: std::time::Duration,
+    pub health: Option<crate::config::HealthSettings>,
     pub members: Vec<Member>,
     pub balancer: SharedBalancer,
 }
@@ -108,6 +109,7 @@ impl Router {
                 sticky: cluster.sticky.clone(),
                 sticky_cookie: cluster.sticky_cookie.clone(),
                 retry: cluster.retry,
+                health: cluster.health.clone(),
                 members,
                 balancer: Arc::new(Mutex::new(Balancer::new(cluster.lbmethod, specs, retry_ms))),
             });

@@ -30,7 +30,7 @@ pub struct ServerStats {
 #[derive(Debug)]
 pub struct Shared {
     pub settings: ServerSettings,
-    pub router: Router,
+    pub router: Arc<Router>,
     pub dataplane: Arc<Dataplane>,
     pub stats: ServerStats,
 }
@@ -176,6 +176,8 @@ pub fn start(config: Config) -> Result<ServerHandle, StartError> {
     let (stop, stopped) = watch::channel(false);
     spawn_certificate_reloader(certificate_stores, stopped.clone()).map_err(StartError::Worker)?;
 
+    let router = Arc::new(router);
+    crate::health::spawn(Arc::clone(&router), stopped.clone()).map_err(StartError::Worker)?;
     let shared = Arc::new(Shared {
         router,
         dataplane: Arc::new(dataplane),

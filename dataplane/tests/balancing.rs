@@ -4,7 +4,10 @@
 mod common;
 
 use std::io::Write;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
 use std::time::Duration;
 
 use common::*;
@@ -224,5 +227,133 @@ fn bytraffic_sends_new_tunnels_to_the_member_that_moved_less() {
         let (_, member) = upgrade(address, &members, id, "/ws", "");
         assert_ne!(member, heavy, "connection {id}");
     }
+    proxy.stop();
+}
+
+/// A TCP forwarder in front of a member that can be killed (listener closed, every forwarded
+/// connection reset) and brought back on the same port: a member that dies and returns.
+struct Gate {
+    address: SocketAddr,
+    target: SocketAddr,
+    alive: Arc<AtomicBool>,
+    connections: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl Gate {
+    fn open(target: SocketAddr) -> Gate {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let gate = Gate {
+            address: listener.local_addr().unwrap(),
+            target,
+            alive: Arc::new(AtomicBool::new(true)),
+            connections: Arc::default(),
+        };
+        gate.serve(listener);
+        gate
+    }
+
+    fn serve(&self, listener: TcpListener) {
+        let (alive, connections, target) = (
+            Arc::clone(&self.alive),
+            Arc::clone(&self.connections),
+            self.target,
+        );
+        listener.set_nonblocking(true).unwrap();
+        thread::spawn(move || {
+            while alive.load(Ordering::SeqCst) {
+                let Ok((client, _)) = listener.accept() else {
+                    thread::sleep(Duration::from_millis(5));
+                    continue;
+                };
+                client.set_nonblocking(false).unwrap();
+                let Ok(member) = TcpStream::connect(target) else {
+                    continue;
+                };
+                let mut held = connections.lock().unwrap();
+                held.push(client.try_clone().unwrap());
+                held.push(member.try_clone().unwrap());
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), member.try_clone().unwrap()),
+                    (member, client),
+                ] {
+                    thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(Shutdown::Write);
+                    });
+                }
+            }
+        });
+    }
+
+    /// The member dies: no more accepts, every connection through it ends.
+    fn kill(&self) {
+        self.alive.store(false, Ordering::SeqCst);
+        thread::sleep(Duration::from_millis(20)); // the accept loop sees it and drops the listener
+        for stream in self.connections.lock().unwrap().drain(..) {
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// The member comes back on the same port.
+    fn revive(&self) {
+        self.alive.store(true, Ordering::SeqCst);
+        self.serve(TcpListener::bind(self.address).unwrap());
+    }
+}
+
+#[test]
+fn a_killed_member_is_routed_around_and_gets_traffic_again_when_it_returns() {
+    let members = start_members(2);
+    let gates = [
+        Gate::open(members[0].address),
+        Gate::open(members[1].address),
+    ];
+    let lines: Vec<String> = gates
+        .iter()
+        .map(|g| format!("url = \"ws://{}\"", g.address))
+        .collect();
+    let proxy = proxy(
+        "retry = \"1s\"\nhealth = { check = \"websocket\", path = \"/health\", interval = \"100ms\", \
+         timeout = \"500ms\", rise = 2, fall = 2 }",
+        &lines,
+    );
+    let address = proxy.addresses[0];
+    let balancer = &proxy.shared.router.clusters[0].balancer;
+    let held: Vec<Held> = (1..=10).map(|id| Held::open(address, id)).collect();
+    gates[0].kill();
+    // Its tunnels end with a close; the others stay.
+    assert!(wait_until(Duration::from_secs(5), || held
+        .iter()
+        .filter(|h| h.ended())
+        .count()
+        == 5));
+    // New connections all succeed, on the member that is up.
+    for id in 100..200 {
+        let (_, member) = upgrade(address, &members, id, "/ws", "");
+        assert_eq!(member, 1, "connection {id}");
+    }
+    assert!(
+        wait_until(Duration::from_secs(5), || wsplice::balancer::lock(balancer)
+            .is_down(0)),
+        "the health checks did not mark the killed member down"
+    );
+    gates[0].revive();
+    assert!(
+        wait_until(Duration::from_secs(5), || !wsplice::balancer::lock(
+            balancer
+        )
+        .is_down(0)),
+        "the health checks did not bring the member back"
+    );
+    // Its retry has passed too: it gets traffic again.
+    thread::sleep(Duration::from_millis(1_100));
+    let back = (200..220)
+        .filter(|&id| upgrade(address, &members, id, "/ws", "").1 == 0)
+        .count();
+    assert!(
+        back >= 5,
+        "{back} of 20 new connections went to the returned member"
+    );
+    drop(held);
     proxy.stop();
 }
