@@ -38,6 +38,9 @@ pub struct ServerSettings {
     /// Hand TLS listeners' connections to kernel TLS after the handshake where the kernel has
     /// it (opt-in while the kernel TLS carrier is being completed).
     pub kernel_tls: bool,
+    /// A tunnel with no byte either way for this long is closed (Apache's ProxyTimeout,
+    /// HAProxy's `timeout tunnel`); None: never.
+    pub idle_timeout: Option<Duration>,
 }
 
 impl ServerSettings {
@@ -64,6 +67,7 @@ impl Default for ServerSettings {
             max_header_bytes: 16 * 1024,
             max_headers: 100,
             kernel_tls: false,
+            idle_timeout: None,
         }
     }
 }
@@ -359,6 +363,7 @@ struct RawServer {
     max_header_bytes: Option<Spanned<RawSize>>,
     max_headers: Option<Spanned<i64>>,
     kernel_tls: Option<bool>,
+    idle_timeout: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -726,6 +731,16 @@ impl Checker<'_> {
         }
         if let Some(kernel_tls) = raw.kernel_tls {
             settings.kernel_tls = kernel_tls;
+        }
+        if let Some(text) = raw.idle_timeout {
+            match humantime::parse_duration(text.get_ref()) {
+                // "0s" keeps tunnels open however long they are quiet.
+                Ok(duration) => settings.idle_timeout = (!duration.is_zero()).then_some(duration),
+                Err(error) => self.error(
+                    text.span(),
+                    format!("idle_timeout {:?}: {error} (e.g. \"5m\")", text.get_ref()),
+                ),
+            }
         }
         if let Some(count) = raw.max_headers {
             match usize::try_from(*count.get_ref()) {

@@ -52,6 +52,7 @@ pub struct Dataplane {
     pub handover_bytes: AtomicU64,
     max_buffered: u64,
     handover_timeout: Duration,
+    idle_timeout: Option<Duration>,
     /// The start-up line naming what carries ws<->ws pairs.
     pub announcement: String,
     /// The start-up line naming what carries pairs with a TLS leg.
@@ -74,7 +75,7 @@ impl Dataplane {
             ),
             DataplaneMode::Splice => {
                 splice = Some(
-                    SpliceCarrier::start()
+                    SpliceCarrier::start(settings.idle_timeout)
                         .map_err(|reason| format!("--dataplane splice: {reason}"))?,
                 );
                 (
@@ -85,14 +86,14 @@ impl Dataplane {
                 )
             }
             DataplaneMode::Sockmap => {
-                let sockmap = Sockmap::load(max_pairs)
+                let sockmap = Sockmap::load(max_pairs, settings.idle_timeout)
                     .map_err(|reason| format!("--dataplane sockmap: {reason}"))?;
                 (
                     Some(sockmap),
                     "dataplane: ws<->ws pairs: BPF sockmap redirection".to_string(),
                 )
             }
-            DataplaneMode::Auto => match Sockmap::load(max_pairs) {
+            DataplaneMode::Auto => match Sockmap::load(max_pairs, settings.idle_timeout) {
                 Ok(sockmap) => (
                     Some(sockmap),
                     "dataplane: ws<->ws pairs: BPF sockmap redirection".to_string(),
@@ -113,7 +114,7 @@ impl Dataplane {
         let tls_announcement = match kernel_tls {
             Ok(()) => {
                 if splice.is_none() {
-                    splice = SpliceCarrier::start()
+                    splice = SpliceCarrier::start(settings.idle_timeout)
                         .map_err(|why| {
                             tracing::warn!("the splice carrier cannot start: {why}");
                         })
@@ -144,6 +145,7 @@ impl Dataplane {
             tls_announcement,
             max_buffered: settings.max_buffered_per_direction,
             handover_timeout: settings.handshake_timeout,
+            idle_timeout: settings.idle_timeout,
             announcement,
         })
     }
@@ -210,7 +212,7 @@ impl Dataplane {
                     },
                     None => (client, member, lease),
                 };
-                relay::carry(client, member, lease, &self.relay_stats).await
+                relay::carry(client, member, lease, &self.relay_stats, self.idle_timeout).await
             }
             // Plain (splice mode) or kernel TLS legs: spliced.
             (client, member)
@@ -233,7 +235,9 @@ impl Dataplane {
                 return;
             }
             // A rustls leg: rustls encrypts and decrypts in userspace.
-            (client, member) => relay::carry(client, member, lease, &self.relay_stats).await,
+            (client, member) => {
+                relay::carry(client, member, lease, &self.relay_stats, self.idle_timeout).await
+            }
         };
         if let Err(error) = outcome {
             tracing::debug!("relayed pair ended with {error}");

@@ -74,6 +74,8 @@ pub struct OffloadStats {
     /// Bytes of retransmitted skbs the verdict trimmed because they overlapped bytes already
     /// forwarded, counted when a pair closes.
     pub bytes_trimmed: AtomicU64,
+    /// Pairs closed for being idle longer than `idle_timeout`.
+    pub idle_closed: AtomicU64,
 }
 
 /// Map file descriptors, shared by the workers (insertion) and the carrier.
@@ -131,7 +133,9 @@ fn map_fd(map: Map) -> Result<OwnedFd, String> {
 impl Sockmap {
     /// Loads and attaches the verdict and starts the carrier. The error says why the kernel
     /// path cannot be used, in one line.
-    pub fn load(max_pairs: u32) -> Result<Sockmap, String> {
+    /// Loads the verdict and starts the carrier; a pair with no byte either way for
+    /// `idle_timeout` (the verdict records each direction's last skb) is closed.
+    pub fn load(max_pairs: u32, idle_timeout: Option<Duration>) -> Result<Sockmap, String> {
         if BPF_OBJECT.is_empty() {
             return Err(
                 "the BPF object was not built (clang was missing when wsplice was compiled)".into(),
@@ -216,6 +220,7 @@ impl Sockmap {
             draining: Vec::new(),
             busy: Vec::new(),
             busy_due: std::time::Instant::now(),
+            idle_timeout,
         };
         std::thread::Builder::new()
             .name("wsplice-offload".into())
@@ -312,6 +317,8 @@ impl Sockmap {
             ],
             lease: pair.lease,
             generation: 0,
+            last_active_ns: sys::monotonic_ns(),
+            relayed_seen: 0,
         };
         let _ = self.handoff.send(tunnel);
         if !self.wake_pending.swap(true, Ordering::AcqRel) {
@@ -393,6 +400,10 @@ struct Tunnel {
     /// Returns the member's live count to the balancer when the tunnel ends.
     lease: Lease,
     generation: u32,
+    /// CLOCK_MONOTONIC ns of the latest byte either way, as of the last idle sweep.
+    last_active_ns: u64,
+    /// Bytes the carrier had relayed itself at the last idle sweep.
+    relayed_seen: u64,
 }
 
 /// What a direction waits for after making all the progress it can.
@@ -428,6 +439,7 @@ struct Watcher {
     /// Pairs waiting for a slow peer's queue to shrink, and when they are due.
     busy: Vec<usize>,
     busy_due: std::time::Instant,
+    idle_timeout: Option<Duration>,
 }
 
 fn token(slot: usize, generation: u32, side: usize) -> u64 {
@@ -438,7 +450,17 @@ impl Watcher {
     fn run(mut self) {
         let mut ready = Vec::new();
         let mut lost_seen = 0;
+        let sweep_every = self
+            .idle_timeout
+            .map(|limit| (limit / 4).clamp(Duration::from_millis(100), Duration::from_secs(5)));
+        let mut next_sweep = std::time::Instant::now();
         loop {
+            if let (Some(limit), Some(every)) = (self.idle_timeout, sweep_every)
+                && std::time::Instant::now() >= next_sweep
+            {
+                self.close_idle(limit);
+                next_sweep = std::time::Instant::now() + every;
+            }
             ready.clear();
             let now = std::time::Instant::now();
             let timeout = if !self.draining.is_empty() {
@@ -598,6 +620,36 @@ impl Watcher {
     }
 
     /// Removes every trace of the tunnel and closes both sockets.
+    /// Closes the pairs with no byte either way for `limit`: the verdict's last skb time per
+    /// direction, and the carrier's own relaying, say when bytes last moved.
+    fn close_idle(&mut self, limit: Duration) {
+        let now = sys::monotonic_ns();
+        let limit_ns = limit.as_nanos() as u64;
+        let mut idle = Vec::new();
+        for (slot, tunnel) in self.pairs.iter_mut().enumerate() {
+            let Some(tunnel) = tunnel else { continue };
+            for side in &tunnel.sides {
+                if let Ok(Some(counters)) =
+                    sys::map_lookup::<u64, BpfFlow>(self.maps.flows.as_fd(), &side.cookie)
+                {
+                    tunnel.last_active_ns = tunnel.last_active_ns.max(counters.last_ns);
+                }
+            }
+            let relayed = tunnel.flows[0].read + tunnel.flows[1].read;
+            if relayed != tunnel.relayed_seen {
+                tunnel.relayed_seen = relayed;
+                tunnel.last_active_ns = now;
+            }
+            if now.saturating_sub(tunnel.last_active_ns) >= limit_ns {
+                idle.push(slot);
+            }
+        }
+        for slot in idle {
+            self.stats.idle_closed.fetch_add(1, Ordering::Relaxed);
+            self.finish(slot, Some(format!("idle for {limit:?}")));
+        }
+    }
+
     fn finish(&mut self, slot: usize, abort: Option<String>) {
         let Some(tunnel) = self.pairs.get_mut(slot).and_then(Option::take) else {
             return;

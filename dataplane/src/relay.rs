@@ -32,14 +32,19 @@ pub struct RelayStats {
     pub pairs: AtomicU64,
     /// Bytes read into userspace by the relay (each is written out once).
     pub relayed_bytes: AtomicU64,
+    /// Pairs closed for being idle longer than `idle_timeout`.
+    pub idle_closed: AtomicU64,
 }
 
-/// A stream whose reads add to the relay's byte counter as they happen.
+/// A stream whose reads add to the relay's byte counter as they happen and note the time.
 struct Counted<'a, S> {
     stream: S,
     relayed: &'a AtomicU64,
     /// Bytes read from this stream.
     read: u64,
+    /// Milliseconds from `start` to the pair's latest read.
+    activity: &'a AtomicU64,
+    start: tokio::time::Instant,
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Counted<'_, S> {
@@ -52,8 +57,12 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<'_, S> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut this.stream).poll_read(cx, buf);
         let read = buf.filled().len() - before;
-        this.read += read as u64;
-        this.relayed.fetch_add(read as u64, Ordering::Relaxed);
+        if read > 0 {
+            this.read += read as u64;
+            this.relayed.fetch_add(read as u64, Ordering::Relaxed);
+            let since_start = this.start.elapsed().as_millis() as u64;
+            this.activity.store(since_start, Ordering::Relaxed);
+        }
         polled
     }
 }
@@ -76,12 +85,14 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<'_, S> {
     }
 }
 
-/// Carries bytes both ways until both sides have closed, then closes both.
+/// Carries bytes both ways until both sides have closed, then closes both; a pair with no
+/// byte either way for `idle_timeout` is closed.
 pub async fn carry<C, M>(
     client: C,
     member: M,
     lease: Lease,
     stats: &RelayStats,
+    idle_timeout: Option<std::time::Duration>,
 ) -> io::Result<(u64, u64)>
 where
     C: AsyncRead + AsyncWrite + Unpin,
@@ -89,17 +100,44 @@ where
 {
     stats.pairs.fetch_add(1, Ordering::Relaxed);
     let relayed = &stats.relayed_bytes;
+    let (activity, start) = (AtomicU64::new(0), tokio::time::Instant::now());
     let mut client = Counted {
         stream: client,
         relayed,
         read: 0,
+        activity: &activity,
+        start,
     };
     let mut member = Counted {
         stream: member,
         relayed,
         read: 0,
+        activity: &activity,
+        start,
     };
-    let result = copy_pair(&mut client, &mut member).await;
+    let copied = copy_pair(&mut client, &mut member);
+    let result = match idle_timeout {
+        None => copied.await,
+        Some(limit) => {
+            let idle = async {
+                loop {
+                    let last =
+                        start + std::time::Duration::from_millis(activity.load(Ordering::Relaxed));
+                    if last.elapsed() >= limit {
+                        return;
+                    }
+                    tokio::time::sleep_until(last + limit).await;
+                }
+            };
+            tokio::select! {
+                result = copied => result,
+                () = idle => {
+                    stats.idle_closed.fetch_add(1, Ordering::Relaxed);
+                    Err(io::Error::new(io::ErrorKind::TimedOut, format!("idle for {limit:?}")))
+                }
+            }
+        }
+    };
     if result.is_err() {
         // One side failed: end the other now instead of leaving it half open.
         let _ = client.shutdown().await;

@@ -12,6 +12,7 @@ use std::net::{Shutdown, TcpStream};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
+use std::time::{Duration, Instant};
 
 use crate::balancer::Lease;
 use crate::sys::{self, uring::FdRing};
@@ -64,6 +65,8 @@ pub struct SpliceStats {
     pub splices: AtomicU64,
     /// Legs taken with kernel TLS on them (TCP_ULP "tls", keys in the kernel).
     pub kernel_tls_legs: AtomicU64,
+    /// Pairs closed for being idle longer than `idle_timeout`.
+    pub idle_closed: AtomicU64,
 }
 
 /// The carrier thread's front: pairs are queued here and the thread woken.
@@ -77,8 +80,9 @@ pub struct SpliceCarrier {
 }
 
 impl SpliceCarrier {
-    /// Sets up the ring and starts the carrier thread; the error says why it cannot run.
-    pub fn start() -> Result<SpliceCarrier, String> {
+    /// Sets up the ring and starts the carrier thread; the error says why it cannot run. A
+    /// pair with no byte either way for `idle_timeout` is closed.
+    pub fn start(idle_timeout: Option<Duration>) -> Result<SpliceCarrier, String> {
         let ring = FdRing::new(RING_ENTRIES).map_err(|error| format!("io_uring: {error}"))?;
         let (wake_reader, wake) = io::pipe().map_err(|error| format!("pipe: {error}"))?;
         let (handoff, handed) = mpsc::channel();
@@ -94,6 +98,7 @@ impl SpliceCarrier {
             free_slots: Vec::new(),
             pipes: Vec::new(),
             control: vec![0; MAX_RECORD_PLAINTEXT + 256].into_boxed_slice(),
+            idle_timeout,
         };
         std::thread::Builder::new()
             .name("wsplice-splice".into())
@@ -156,6 +161,8 @@ struct Carried {
     failed: bool,
     /// Bytes spliced into either destination.
     moved: u64,
+    /// When a byte last moved (or the pair arrived).
+    last_active: Instant,
     lease: Lease,
 }
 
@@ -172,6 +179,7 @@ struct Carrier {
     pipes: Vec<Pipe>,
     /// Where a control record (an alert, a handshake message) is read into.
     control: Box<[u8]>,
+    idle_timeout: Option<Duration>,
 }
 
 fn tag(slot: usize, index: usize) -> u64 {
@@ -189,10 +197,21 @@ impl Carrier {
             tracing::error!("splice thread: io_uring poll: {error}");
             return;
         }
+        // Idle pairs are looked for a few times per timeout.
+        let sweep_every = self
+            .idle_timeout
+            .map(|limit| (limit / 4).clamp(Duration::from_millis(10), Duration::from_secs(5)));
+        let mut next_sweep = Instant::now();
         loop {
-            if let Err(error) = self.ring.submit_and_wait() {
+            if let Err(error) = self.ring.submit_and_wait(sweep_every) {
                 tracing::error!("splice thread: io_uring: {error}; pairs left as they are");
                 return;
+            }
+            if let (Some(limit), Some(every)) = (self.idle_timeout, sweep_every)
+                && Instant::now() >= next_sweep
+            {
+                self.close_idle(limit);
+                next_sweep = Instant::now() + every;
             }
             completions.clear();
             self.ring.reap(&mut completions);
@@ -256,6 +275,7 @@ impl Carrier {
             legs: [pair.client, pair.member],
             failed: false,
             moved: 0,
+            last_active: Instant::now(),
             lease: pair.lease,
         };
         let slot = match self.free_slots.pop() {
@@ -423,6 +443,22 @@ impl Carrier {
         }
     }
 
+    /// Closes the pairs that moved no byte for `limit`.
+    fn close_idle(&mut self, limit: Duration) {
+        let idle: Vec<usize> = (0..self.pairs.len())
+            .filter(|&slot| {
+                self.pairs[slot]
+                    .as_ref()
+                    .is_some_and(|pair| !pair.failed && pair.last_active.elapsed() >= limit)
+            })
+            .collect();
+        for slot in idle {
+            self.stats.idle_closed.fetch_add(1, Ordering::Relaxed);
+            self.fail(slot, &format!("idle for {limit:?}"));
+            self.release_if_ended(slot);
+        }
+    }
+
     /// Ends both sides now: operations in flight complete (the shutdown wakes them), and the
     /// pair is closed when the last one has.
     fn fail(&mut self, slot: usize, why: &str) {
@@ -487,6 +523,7 @@ fn transition(
         (Step::AwaitWritable, result) if result >= 0 => Ok(Step::Drain),
         (Step::Ending, result) if result >= 0 => Ok(Step::Ending),
         (Step::Fill { .. }, moved) if moved > 0 => {
+            pair.last_active = Instant::now();
             stats.splices.fetch_add(1, Ordering::Relaxed);
             direction.in_pipe = moved as u32;
             Ok(Step::Drain)

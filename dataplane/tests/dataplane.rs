@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -43,6 +44,7 @@ in_every_mode!(
     bytes_around_the_handover_arrive_once_in_order,
     a_slow_reader_holds_bounded_memory,
     a_reset_on_either_side_closes_the_other_and_leaves_no_state,
+    an_idle_tunnel_is_closed_and_an_active_one_is_not,
     byrequests_splits_held_connections_evenly,
     least_conn_refills_the_member_that_emptied,
 );
@@ -178,6 +180,42 @@ fn a_slow_reader_holds_bounded_memory(mode: DataplaneMode) {
     );
     stream.shutdown(Shutdown::Both).unwrap();
     drop(stream);
+    assert_no_state_left(&proxy);
+    proxy.stop();
+}
+
+/// `idle_timeout = 1s`: a held tunnel that moves nothing is closed within the timeout and a
+/// sweep; one that sends a byte every 150 ms stays open.
+fn an_idle_tunnel_is_closed_and_an_active_one_is_not(mode: DataplaneMode) {
+    let members = start_members(1);
+    let proxy = start_proxy_with(mode, &members, "byrequests", |settings| {
+        settings.idle_timeout = Some(Duration::from_secs(1));
+    });
+    let address = proxy.addresses[0];
+    let mut active = TcpStream::connect(address).unwrap();
+    let request = upgrade_request(&ClientPlan::simple(2, 0, 0))
+        .replace("x-test-id", "x-test-hold: 1\r\nx-test-id");
+    active.write_all(request.as_bytes()).unwrap();
+    let (head, _) = read_head(&mut active).unwrap();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let idle = Held::open(address, 1);
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(2_500) {
+        active.write_all(b"x").unwrap();
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    assert!(idle.ended(), "the idle tunnel is still open after 2.5 s");
+    // The active one is open: a read waits instead of seeing an EOF.
+    active
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut byte = [0u8; 1];
+    match active.read(&mut byte) {
+        Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("the active tunnel was closed: {other:?}"),
+    }
+    drop(active);
+    drop(idle);
     assert_no_state_left(&proxy);
     proxy.stop();
 }

@@ -567,6 +567,11 @@ fn clock(id: libc::clockid_t) -> Duration {
     Duration::new(now.tv_sec as u64, now.tv_nsec as u32)
 }
 
+/// CLOCK_MONOTONIC in nanoseconds: the clock of the verdict's bpf_ktime_get_ns().
+pub fn monotonic_ns() -> u64 {
+    clock(libc::CLOCK_MONOTONIC).as_nanos() as u64
+}
+
 /// CPU time this thread has used, for measurements.
 pub fn thread_cpu_time() -> Duration {
     clock(libc::CLOCK_THREAD_CPUTIME_ID)

@@ -233,11 +233,22 @@ impl FdRing {
         )
     }
 
-    /// Submits what was pushed and waits until at least one completion is there.
-    pub fn submit_and_wait(&mut self) -> io::Result<()> {
-        match self.ring.submit_and_wait(1) {
+    /// Submits what was pushed and waits until at least one completion is there, or at most
+    /// `limit`.
+    pub fn submit_and_wait(&mut self, limit: Option<std::time::Duration>) -> io::Result<()> {
+        let waited = match limit {
+            None => self.ring.submit_and_wait(1),
+            Some(limit) => {
+                let timespec = types::Timespec::new()
+                    .sec(limit.as_secs())
+                    .nsec(limit.subsec_nanos());
+                let args = types::SubmitArgs::new().timespec(&timespec);
+                self.ring.submitter().submit_with_args(1, &args)
+            }
+        };
+        match waited {
             Ok(_) => Ok(()),
-            Err(error) if error.raw_os_error() == Some(libc::EINTR) => Ok(()),
+            Err(error) if matches!(error.raw_os_error(), Some(libc::EINTR | libc::ETIME)) => Ok(()),
             Err(error) => Err(error),
         }
     }

@@ -363,6 +363,20 @@ pub fn start_proxy(
     lbmethod: &str,
     max_buffered: Option<u64>,
 ) -> ServerHandle {
+    start_proxy_with(mode, members, lbmethod, |settings| {
+        if let Some(bytes) = max_buffered {
+            settings.max_buffered_per_direction = bytes;
+        }
+    })
+}
+
+/// `start_proxy`, with `edit` applied to the [server] settings.
+pub fn start_proxy_with(
+    mode: DataplaneMode,
+    members: &[Member],
+    lbmethod: &str,
+    edit: impl FnOnce(&mut config::ServerSettings),
+) -> ServerHandle {
     // RUST_LOG=wsplice=debug shows why a pair ended.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -380,9 +394,7 @@ pub fn start_proxy(
     .unwrap();
     config.server.dataplane = mode;
     config.server.workers = 2;
-    if let Some(bytes) = max_buffered {
-        config.server.max_buffered_per_direction = bytes;
-    }
+    edit(&mut config.server);
     let server = wsplice::server::start(config).unwrap();
     let carrier = server.shared.dataplane.carrier();
     let expected = match mode {
