@@ -47,7 +47,7 @@ struct RunArgs {
     /// Quick form: a member ws://HOST:PORT (repeat for more).
     #[arg(long)]
     member: Vec<String>,
-    /// Quick form: byrequests (default) or least-conn.
+    /// Quick form: byrequests (default), bytraffic, least-conn or hash (of the client address).
     #[arg(long)]
     lbmethod: Option<String>,
     /// Quick form: serve wss:// with this PEM certificate chain (with --tls-key).
