@@ -6,6 +6,7 @@
 //! its sticky sessions, as in Apache), then chooses by the cluster's method among the usable
 //! active members, and only when none is left among the usable hot standbys.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::config::{LbMethod, MemberStatus};
@@ -75,11 +76,19 @@ pub struct Balancer {
     retry_ms: u64,
     /// Rotates the starting point among least-conn ties.
     next_tie: usize,
+    /// Per member, bumped when its tunnels are to be closed (a member marked down with
+    /// `shutdown_sessions`); a lease taken before the bump is evicted. Read by the carriers
+    /// without the lock.
+    evictions: Arc<[AtomicU64]>,
+    /// Whether carriers need to watch for evictions at all.
+    pub shutdown_sessions: bool,
 }
 
 impl Balancer {
     pub fn new(method: LbMethod, members: Vec<MemberSpec>, retry_ms: u64) -> Self {
         Balancer {
+            evictions: members.iter().map(|_| AtomicU64::new(0)).collect(),
+            shutdown_sessions: false,
             method,
             members: members
                 .into_iter()
@@ -191,6 +200,14 @@ impl Balancer {
     pub fn failed(&mut self, member: usize, now_ms: u64) {
         if let Some(slot) = self.members.get_mut(member) {
             slot.error_until_ms = now_ms.saturating_add(self.retry_ms);
+        }
+    }
+
+    /// Every tunnel now open on `member` is to be closed (its carriers find out within about
+    /// a second).
+    pub fn evict(&mut self, member: usize) {
+        if let Some(epoch) = self.evictions.get(member) {
+            epoch.fetch_add(1, Ordering::Release);
         }
     }
 
@@ -335,6 +352,8 @@ pub type SharedBalancer = Arc<Mutex<Balancer>>;
 pub struct Lease {
     balancer: SharedBalancer,
     member: usize,
+    /// The member's eviction count when this lease was taken; None: nobody evicts here.
+    epoch: Option<(Arc<[AtomicU64]>, u64)>,
 }
 
 impl Lease {
@@ -344,11 +363,19 @@ impl Lease {
         request: &PickRequest<'_>,
         tried: impl Fn(usize) -> bool,
     ) -> Result<(Lease, Picked), NoMember> {
-        let picked = lock(balancer).pick(request, tried)?;
+        let mut locked = lock(balancer);
+        let picked = locked.pick(request, tried)?;
+        let epoch = locked.shutdown_sessions.then(|| {
+            let evictions = Arc::clone(&locked.evictions);
+            let now = evictions[picked.member].load(Ordering::Acquire);
+            (evictions, now)
+        });
+        drop(locked);
         Ok((
             Lease {
                 balancer: Arc::clone(balancer),
                 member: picked.member,
+                epoch,
             },
             picked,
         ))
@@ -356,6 +383,18 @@ impl Lease {
 
     pub fn member(&self) -> usize {
         self.member
+    }
+
+    /// Whether the carrier should watch this tunnel for eviction.
+    pub fn evictable(&self) -> bool {
+        self.epoch.is_some()
+    }
+
+    /// The member was marked down with `shutdown_sessions` since this tunnel began.
+    pub fn evicted(&self) -> bool {
+        self.epoch.as_ref().is_some_and(|(evictions, epoch)| {
+            evictions[self.member].load(Ordering::Acquire) != *epoch
+        })
     }
 
     /// Bytes the tunnel moved, both ways (bytraffic weighs members by them).

@@ -236,6 +236,9 @@ pub struct HealthSettings {
     pub rise: u32,
     /// Failures in a row that mark an up member down.
     pub fall: u32,
+    /// Close the tunnels of a member marked down (HAProxy's on-marked-down
+    /// shutdown-sessions); otherwise they stay until they end.
+    pub shutdown_sessions: bool,
 }
 
 /// The request key of consistent hashing.
@@ -442,6 +445,7 @@ struct RawHealth {
     timeout: Option<String>,
     rise: Option<u32>,
     fall: Option<u32>,
+    shutdown_sessions: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -878,6 +882,7 @@ impl Checker<'_> {
             timeout,
             rise,
             fall,
+            shutdown_sessions: raw.shutdown_sessions.unwrap_or(false),
         })
     }
 

@@ -112,7 +112,13 @@ async fn check_cluster(router: Arc<Router>, index: usize, mut stop: watch::Recei
             let Some(up) = health[member].observe(passed, settings.rise, settings.fall) else {
                 continue;
             };
-            crate::balancer::lock(&cluster.balancer).set_down(member, !up);
+            {
+                let mut balancer = crate::balancer::lock(&cluster.balancer);
+                balancer.set_down(member, !up);
+                if !up && settings.shutdown_sessions {
+                    balancer.evict(member);
+                }
+            }
             announce(cluster, member, up, settings, result.err());
         }
     }
@@ -134,10 +140,15 @@ fn announce(
         );
     } else {
         tracing::warn!(
-            "member {url} of cluster {} is down: {} checks failed in a row, the last: {}",
+            "member {url} of cluster {} is down: {} checks failed in a row, the last: {}{}",
             cluster.name,
             settings.fall,
-            why.unwrap_or_default()
+            why.unwrap_or_default(),
+            if settings.shutdown_sessions {
+                "; closing its tunnels"
+            } else {
+                ""
+            }
         );
     }
 }

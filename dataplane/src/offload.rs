@@ -454,12 +454,17 @@ impl Watcher {
             .idle_timeout
             .map(|limit| (limit / 4).clamp(Duration::from_millis(100), Duration::from_secs(5)));
         let mut next_sweep = std::time::Instant::now();
+        let mut next_eviction_check = std::time::Instant::now();
         loop {
             if let (Some(limit), Some(every)) = (self.idle_timeout, sweep_every)
                 && std::time::Instant::now() >= next_sweep
             {
                 self.close_idle(limit);
                 next_sweep = std::time::Instant::now() + every;
+            }
+            if std::time::Instant::now() >= next_eviction_check {
+                self.close_evicted();
+                next_eviction_check = std::time::Instant::now() + crate::relay::EVICTION_CHECK;
             }
             ready.clear();
             let now = std::time::Instant::now();
@@ -647,6 +652,20 @@ impl Watcher {
         for slot in idle {
             self.stats.idle_closed.fetch_add(1, Ordering::Relaxed);
             self.finish(slot, Some(format!("idle for {limit:?}")));
+        }
+    }
+
+    /// Closes the pairs whose member was marked down with `shutdown_sessions`.
+    fn close_evicted(&mut self) {
+        let evicted: Vec<usize> = (0..self.pairs.len())
+            .filter(|&slot| {
+                self.pairs[slot]
+                    .as_ref()
+                    .is_some_and(|tunnel| tunnel.lease.evicted())
+            })
+            .collect();
+        for slot in evicted {
+            self.finish(slot, Some("its member was marked down".into()));
         }
     }
 

@@ -12,6 +12,9 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use crate::balancer::Lease;
 
+/// How often a tunnel whose member may be marked down checks for it.
+pub const EVICTION_CHECK: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Bytes each direction holds in userspace at most.
 pub const RELAY_BUFFER: usize = 64 * 1024;
 
@@ -116,27 +119,33 @@ where
         start,
     };
     let copied = copy_pair(&mut client, &mut member);
-    let result = match idle_timeout {
-        None => copied.await,
-        Some(limit) => {
-            let idle = async {
-                loop {
-                    let last =
-                        start + std::time::Duration::from_millis(activity.load(Ordering::Relaxed));
-                    if last.elapsed() >= limit {
-                        return;
-                    }
-                    tokio::time::sleep_until(last + limit).await;
-                }
-            };
-            tokio::select! {
-                result = copied => result,
-                () = idle => {
-                    stats.idle_closed.fetch_add(1, Ordering::Relaxed);
-                    Err(io::Error::new(io::ErrorKind::TimedOut, format!("idle for {limit:?}")))
-                }
+    let idle = async {
+        let Some(limit) = idle_timeout else {
+            return std::future::pending().await;
+        };
+        loop {
+            let last = start + std::time::Duration::from_millis(activity.load(Ordering::Relaxed));
+            if last.elapsed() >= limit {
+                return limit;
             }
+            tokio::time::sleep_until(last + limit).await;
         }
+    };
+    let evicted = async {
+        if !lease.evictable() {
+            return std::future::pending().await;
+        }
+        while !lease.evicted() {
+            tokio::time::sleep(EVICTION_CHECK).await;
+        }
+    };
+    let result = tokio::select! {
+        result = copied => result,
+        limit = idle => {
+            stats.idle_closed.fetch_add(1, Ordering::Relaxed);
+            Err(io::Error::new(io::ErrorKind::TimedOut, format!("idle for {limit:?}")))
+        }
+        () = evicted => Err(io::Error::other("its member was marked down")),
     };
     if result.is_err() {
         // One side failed: end the other now instead of leaving it half open.

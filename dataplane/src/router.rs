@@ -111,7 +111,12 @@ impl Router {
                 retry: cluster.retry,
                 health: cluster.health.clone(),
                 members,
-                balancer: Arc::new(Mutex::new(Balancer::new(cluster.lbmethod, specs, retry_ms))),
+                balancer: Arc::new(Mutex::new({
+                    let mut balancer = Balancer::new(cluster.lbmethod, specs, retry_ms);
+                    balancer.shutdown_sessions =
+                        cluster.health.as_ref().is_some_and(|h| h.shutdown_sessions);
+                    balancer
+                })),
             });
         }
         let routes = config

@@ -15,6 +15,7 @@ use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use crate::balancer::Lease;
+use crate::relay::EVICTION_CHECK;
 use crate::sys::{self, uring::FdRing};
 
 /// Bytes one splice moves at most (kernel TLS hands out one record, 16 KiB, per call).
@@ -197,21 +198,19 @@ impl Carrier {
             tracing::error!("splice thread: io_uring poll: {error}");
             return;
         }
-        // Idle pairs are looked for a few times per timeout.
-        let sweep_every = self
-            .idle_timeout
-            .map(|limit| (limit / 4).clamp(Duration::from_millis(10), Duration::from_secs(5)));
+        // Idle pairs are looked for a few times per timeout, evicted ones twice a second.
+        let sweep_every = self.idle_timeout.map_or(EVICTION_CHECK, |limit| {
+            (limit / 4).clamp(Duration::from_millis(10), EVICTION_CHECK)
+        });
         let mut next_sweep = Instant::now();
         loop {
-            if let Err(error) = self.ring.submit_and_wait(sweep_every) {
+            if let Err(error) = self.ring.submit_and_wait(Some(sweep_every)) {
                 tracing::error!("splice thread: io_uring: {error}; pairs left as they are");
                 return;
             }
-            if let (Some(limit), Some(every)) = (self.idle_timeout, sweep_every)
-                && Instant::now() >= next_sweep
-            {
-                self.close_idle(limit);
-                next_sweep = Instant::now() + every;
+            if Instant::now() >= next_sweep {
+                self.close_idle_and_evicted();
+                next_sweep = Instant::now() + sweep_every;
             }
             completions.clear();
             self.ring.reap(&mut completions);
@@ -443,18 +442,27 @@ impl Carrier {
         }
     }
 
-    /// Closes the pairs that moved no byte for `limit`.
-    fn close_idle(&mut self, limit: Duration) {
-        let idle: Vec<usize> = (0..self.pairs.len())
-            .filter(|&slot| {
-                self.pairs[slot]
-                    .as_ref()
-                    .is_some_and(|pair| !pair.failed && pair.last_active.elapsed() >= limit)
+    /// Closes the pairs that moved no byte for `idle_timeout`, and those whose member was
+    /// marked down with `shutdown_sessions`.
+    fn close_idle_and_evicted(&mut self) {
+        let limit = self.idle_timeout;
+        let ending: Vec<(usize, &'static str)> = (0..self.pairs.len())
+            .filter_map(|slot| {
+                let pair = self.pairs[slot].as_ref().filter(|pair| !pair.failed)?;
+                if pair.lease.evicted() {
+                    Some((slot, "its member was marked down"))
+                } else if limit.is_some_and(|limit| pair.last_active.elapsed() >= limit) {
+                    Some((slot, "idle"))
+                } else {
+                    None
+                }
             })
             .collect();
-        for slot in idle {
-            self.stats.idle_closed.fetch_add(1, Ordering::Relaxed);
-            self.fail(slot, &format!("idle for {limit:?}"));
+        for (slot, why) in ending {
+            if why == "idle" {
+                self.stats.idle_closed.fetch_add(1, Ordering::Relaxed);
+            }
+            self.fail(slot, why);
             self.release_if_ended(slot);
         }
     }

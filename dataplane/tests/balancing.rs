@@ -17,6 +17,10 @@ use wsplice::server::ServerHandle;
 /// A wsplice serving one cluster: `cluster` holds the cluster's keys, `members` one line of
 /// member keys each (url first).
 fn proxy(cluster: &str, members: &[String]) -> ServerHandle {
+    proxy_in(DataplaneMode::Userspace, cluster, members)
+}
+
+fn proxy_in(mode: DataplaneMode, cluster: &str, members: &[String]) -> ServerHandle {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
@@ -30,7 +34,7 @@ fn proxy(cluster: &str, members: &[String]) -> ServerHandle {
     }
     let mut config = wsplice::config::parse("balancing.toml", &text).unwrap();
     config.server.workers = 2;
-    config.server.dataplane = DataplaneMode::Userspace;
+    config.server.dataplane = mode;
     wsplice::server::start(config).unwrap()
 }
 
@@ -287,11 +291,16 @@ impl Gate {
 
     /// The member dies: no more accepts, every connection through it ends.
     fn kill(&self) {
-        self.alive.store(false, Ordering::SeqCst);
-        thread::sleep(Duration::from_millis(20)); // the accept loop sees it and drops the listener
+        self.refuse_new();
         for stream in self.connections.lock().unwrap().drain(..) {
             let _ = stream.shutdown(Shutdown::Both);
         }
+    }
+
+    /// The member takes no new connection (its health checks fail); open ones go on.
+    fn refuse_new(&self) {
+        self.alive.store(false, Ordering::SeqCst);
+        thread::sleep(Duration::from_millis(20)); // the accept loop sees it and drops the listener
     }
 
     /// The member comes back on the same port.
@@ -356,4 +365,43 @@ fn a_killed_member_is_routed_around_and_gets_traffic_again_when_it_returns() {
     );
     drop(held);
     proxy.stop();
+}
+
+/// HAProxy's on-marked-down shutdown-sessions: a member that stops taking connections (its
+/// open tunnels still alive) is marked down by the health checks; with `shutdown_sessions`
+/// its tunnels are closed, without it they stay.
+#[test]
+fn shutdown_sessions_closes_the_tunnels_of_a_member_marked_down() {
+    shutdown_sessions_in(DataplaneMode::Userspace);
+    shutdown_sessions_in(DataplaneMode::Splice);
+}
+
+#[test]
+#[ignore = "needs root and BPF: run with `cargo xtask test`"]
+fn shutdown_sessions_closes_offloaded_tunnels_of_a_member_marked_down() {
+    shutdown_sessions_in(DataplaneMode::Sockmap);
+}
+
+fn shutdown_sessions_in(mode: DataplaneMode) {
+    for shutdown in [true, false] {
+        let members = start_members(1);
+        let gate = Gate::open(members[0].address);
+        let health = format!(
+            "health = {{ check = \"tcp\", interval = \"100ms\", timeout = \"500ms\", rise = 1, \
+             fall = 2, shutdown_sessions = {shutdown} }}"
+        );
+        let proxy = proxy_in(mode, &health, &[format!("url = \"ws://{}\"", gate.address)]);
+        let balancer = &proxy.shared.router.clusters[0].balancer;
+        let held: Vec<Held> = (1..=4)
+            .map(|id| Held::open(proxy.addresses[0], id))
+            .collect();
+        gate.refuse_new();
+        assert!(wait_until(Duration::from_secs(5), || {
+            wsplice::balancer::lock(balancer).is_down(0)
+        }));
+        let closed = wait_until(Duration::from_secs(3), || held.iter().all(Held::ended));
+        assert_eq!(closed, shutdown, "{mode:?}: shutdown_sessions = {shutdown}");
+        drop(held);
+        proxy.stop();
+    }
 }

@@ -112,6 +112,8 @@ fn test() -> Result<()> {
         "dataplane",
         "--test",
         "tls",
+        "--test",
+        "balancing",
         "--",
         "--ignored",
         "--test-threads=1",
