@@ -405,3 +405,61 @@ fn shutdown_sessions_in(mode: DataplaneMode) {
         proxy.stop();
     }
 }
+
+#[test]
+fn an_http_check_follows_the_status_the_member_answers() {
+    use std::io::Read;
+    use std::sync::atomic::AtomicU16;
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap();
+    let status = Arc::new(AtomicU16::new(204));
+    let requests = Arc::new(Mutex::new(Vec::new()));
+    {
+        let (status, requests) = (Arc::clone(&status), Arc::clone(&requests));
+        thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && matches!(stream.read(&mut byte), Ok(1)) {
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8_lossy(&head).into_owned();
+                requests
+                    .lock()
+                    .unwrap()
+                    .push(head.lines().next().unwrap_or("").to_string());
+                let code = status.load(Ordering::SeqCst);
+                let _ = stream.write_all(
+                    format!("HTTP/1.1 {code} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                        .as_bytes(),
+                );
+            }
+        });
+    }
+    let proxy = proxy(
+        "health = { check = \"http\", path = \"/health?full=1\", expect_status = 204, \
+         interval = \"100ms\", timeout = \"500ms\", rise = 1, fall = 2 }",
+        &[format!("url = \"ws://{address}\"")],
+    );
+    let balancer = &proxy.shared.router.clusters[0].balancer;
+    let is_down = || wsplice::balancer::lock(balancer).is_down(0);
+    assert!(wait_until(Duration::from_secs(2), || requests
+        .lock()
+        .unwrap()
+        .len()
+        >= 3));
+    assert!(!is_down(), "204 as expected, yet down");
+    assert_eq!(requests.lock().unwrap()[0], "GET /health?full=1 HTTP/1.1");
+    status.store(503, Ordering::SeqCst);
+    assert!(
+        wait_until(Duration::from_secs(3), is_down),
+        "503 did not mark it down"
+    );
+    status.store(204, Ordering::SeqCst);
+    assert!(
+        wait_until(Duration::from_secs(3), || !is_down()),
+        "204 did not bring it back"
+    );
+    proxy.stop();
+}
