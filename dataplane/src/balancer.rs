@@ -109,22 +109,6 @@ impl Balancer {
         }
     }
 
-    /// Active members of equal weight, for tests and the quick form.
-    pub fn with_weights(method: LbMethod, weights: &[u32]) -> Self {
-        let members = weights
-            .iter()
-            .enumerate()
-            .map(|(index, &weight)| MemberSpec {
-                key: index as u64,
-                weight,
-                status: MemberStatus::Active,
-                route: None,
-                max_conns: None,
-            })
-            .collect();
-        Balancer::new(method, members, 0)
-    }
-
     /// Picks a member the request may go to, not one `tried` says was tried, and counts it
     /// live.
     pub fn pick(
@@ -449,6 +433,16 @@ mod tests {
         }
     }
 
+    /// Active members with `weights`.
+    fn with_weights(method: LbMethod, weights: &[u32]) -> Balancer {
+        let members = weights
+            .iter()
+            .enumerate()
+            .map(|(index, &weight)| spec(index as u64, weight, MemberStatus::Active, ""))
+            .collect();
+        Balancer::new(method, members, 0)
+    }
+
     /// Each member's share of `counts` is within two points of its share of the weights.
     fn assert_shares_follow(counts: &[usize], weights: &[u32]) {
         let picks: usize = counts.iter().sum();
@@ -474,22 +468,22 @@ mod tests {
 
     #[test]
     fn byrequests_follows_weights_exactly() {
-        let mut balancer = Balancer::with_weights(LbMethod::ByRequests, &[1, 1, 1]);
+        let mut balancer = with_weights(LbMethod::ByRequests, &[1, 1, 1]);
         assert_eq!(shares(&mut balancer, 300), vec![100, 100, 100]);
-        let mut weighted = Balancer::with_weights(LbMethod::ByRequests, &[1, 2, 5]);
+        let mut weighted = with_weights(LbMethod::ByRequests, &[1, 2, 5]);
         assert_eq!(shares(&mut weighted, 8000), vec![1000, 2000, 5000]);
     }
 
     #[test]
     fn byrequests_interleaves_instead_of_bursting() {
-        let mut balancer = Balancer::with_weights(LbMethod::ByRequests, &[1, 1, 1]);
+        let mut balancer = with_weights(LbMethod::ByRequests, &[1, 1, 1]);
         let order: Vec<usize> = (0..6).map(|_| pick(&mut balancer, &ANY).unwrap()).collect();
         assert_eq!(order, vec![0, 1, 2, 0, 1, 2]);
     }
 
     #[test]
     fn tried_members_are_skipped() {
-        let mut balancer = Balancer::with_weights(LbMethod::ByRequests, &[1, 1, 1]);
+        let mut balancer = with_weights(LbMethod::ByRequests, &[1, 1, 1]);
         for _ in 0..10 {
             assert_ne!(balancer.pick(&ANY, |i| i == 1).unwrap().member, 1);
         }
@@ -498,7 +492,7 @@ mod tests {
 
     #[test]
     fn least_conn_fills_the_emptiest_member() {
-        let mut balancer = Balancer::with_weights(LbMethod::LeastConn, &[1, 1, 1]);
+        let mut balancer = with_weights(LbMethod::LeastConn, &[1, 1, 1]);
         assert_eq!(shares(&mut balancer, 300), vec![100, 100, 100]);
         for _ in 0..100 {
             balancer.release(0);
@@ -518,7 +512,7 @@ mod tests {
             LbMethod::Hash,
         ] {
             let mut rng = Rng(0x5eed ^ method as u64);
-            let mut balancer = Balancer::with_weights(method, &weights);
+            let mut balancer = with_weights(method, &weights);
             let mut open: Vec<usize> = Vec::new();
             let mut counts = vec![0; weights.len()];
             for _ in 0..100_000 {
