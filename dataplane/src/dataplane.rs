@@ -284,14 +284,14 @@ fn into_leg(stream: Stream) -> std::io::Result<Leg> {
     match stream {
         Stream::Plain(socket) => Ok(Leg {
             socket: socket.into_std()?,
-            kernel_tls: false,
+            kernel_tls: None,
             ended: false,
         }),
         Stream::Ktls(stream) => {
-            let (socket, ended) = stream.into_parts();
+            let (socket, keys, ended) = stream.into_parts();
             Ok(Leg {
                 socket: socket.into_std()?,
-                kernel_tls: true,
+                kernel_tls: Some(keys),
                 ended,
             })
         }

@@ -38,9 +38,9 @@ const POLLRDHUP: u32 = libc::POLLRDHUP as u32;
 #[derive(Debug)]
 pub struct Leg {
     pub socket: TcpStream,
-    /// Kernel TLS on this socket: its peer's close_notify ends it, and it sends one before its
-    /// FIN.
-    pub kernel_tls: bool,
+    /// Kernel TLS on this socket, with rustls's key schedule for the peer's key updates: its
+    /// peer's close_notify ends it, and it sends one before its FIN.
+    pub kernel_tls: Option<crate::tls::KernelKeys>,
     /// Its peer already ended (a close_notify read before the hand-over).
     pub ended: bool,
 }
@@ -68,6 +68,8 @@ pub struct SpliceStats {
     pub kernel_tls_legs: AtomicU64,
     /// Pairs closed for being idle longer than `idle_timeout`.
     pub idle_closed: AtomicU64,
+    /// TLS 1.3 key updates followed (a new receive key given to the kernel).
+    pub key_updates: AtomicU64,
 }
 
 /// The carrier thread's front: pairs are queued here and the thread woken.
@@ -253,7 +255,8 @@ impl Carrier {
         let kernel_tls_legs = [&pair.client, &pair.member]
             .iter()
             .filter(|leg| {
-                leg.kernel_tls && sys::tcp_ulp(leg.socket.as_fd()).is_ok_and(|ulp| ulp == "tls")
+                leg.kernel_tls.is_some()
+                    && sys::tcp_ulp(leg.socket.as_fd()).is_ok_and(|ulp| ulp == "tls")
             })
             .count() as u64;
         self.stats
@@ -520,7 +523,7 @@ fn transition(
     stats: &SpliceStats,
     control: &mut [u8],
 ) -> Result<Step, String> {
-    let source = &pair.legs[index];
+    let source = &mut pair.legs[index];
     let direction = &mut pair.directions[index];
     match (direction.step, result) {
         (_, result) if result == -libc::EINTR => Ok(direction.step),
@@ -539,7 +542,7 @@ fn transition(
         (Step::Fill { .. }, 0) => Ok(Step::Ending),
         // Readable, yet no whole record: wait for the rest inside the kernel.
         (Step::Fill { polled: true, .. }, result)
-            if result == -libc::EAGAIN && source.kernel_tls =>
+            if result == -libc::EAGAIN && source.kernel_tls.is_some() =>
         {
             Ok(Step::Fill {
                 polled: false,
@@ -548,8 +551,8 @@ fn transition(
         }
         (Step::Fill { .. }, result) if result == -libc::EAGAIN => Ok(Step::AwaitReadable),
         // The next record is not application data (kernel TLS splices only data).
-        (Step::Fill { .. }, result) if result == -libc::EINVAL && source.kernel_tls => {
-            read_control_record(source, control)
+        (Step::Fill { .. }, result) if result == -libc::EINVAL && source.kernel_tls.is_some() => {
+            read_control_record(source, control, stats)
         }
         (Step::Drain, moved) if moved > 0 => {
             pair.moved += moved as u64;
@@ -583,7 +586,7 @@ fn new_pipe() -> io::Result<Pipe> {
 
 /// Sends close_notify where the destination speaks kernel TLS, then the FIN.
 fn pass_end_on(destination: &Leg) -> io::Result<()> {
-    if destination.kernel_tls {
+    if destination.kernel_tls.is_some() {
         match sys::ktls_send_close_notify(destination.socket.as_fd()) {
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Err(error),
             // A peer that is gone needs no notice; its FIN below fails the same way.
@@ -599,7 +602,11 @@ fn pass_end_on(destination: &Leg) -> io::Result<()> {
 /// The source's next record is not application data: a close_notify ends the direction, a
 /// record of another kind ends the pair. Peeked first, so a data record that raced in is left
 /// for the next splice.
-fn read_control_record(source: &Leg, buffer: &mut [u8]) -> Result<Step, String> {
+fn read_control_record(
+    source: &mut Leg,
+    buffer: &mut [u8],
+    stats: &SpliceStats,
+) -> Result<Step, String> {
     let fd = source.socket.as_fd();
     let peeked = sys::ktls_recv(fd, buffer, libc::MSG_PEEK | libc::MSG_DONTWAIT);
     match peeked {
@@ -628,17 +635,34 @@ fn read_control_record(source: &Leg, buffer: &mut [u8]) -> Result<Step, String> 
                 blocking: false,
             })
         }
+        // A TLS 1.3 KeyUpdate: taken off the queue (the kernel holds what follows until it has
+        // the next key), followed, and answered when asked.
         Ok(sys::KtlsRecord::Control {
             record_type: TLS_HANDSHAKE,
             len,
         }) => {
-            // TLS 1.3 KeyUpdate: kernels without TLS 1.3 rekeying (6.1, 6.12) take one receive
-            // key per socket, so what follows cannot be decrypted.
-            tracing::info!(
-                "a TLS handshake message ({len} bytes, a key update) after kernel TLS took \
-                 over: this kernel cannot take the new key; pair closed after the bytes before it"
-            );
-            Err("key update".into())
+            sys::ktls_recv(fd, buffer, libc::MSG_DONTWAIT)
+                .map_err(|error| format!("reading a handshake record: {error}"))?;
+            let keys = source
+                .kernel_tls
+                .as_mut()
+                .ok_or("a handshake record on a plain socket")?;
+            match keys.follow_key_update(fd, &buffer[..len]) {
+                Ok(()) => {
+                    stats.key_updates.fetch_add(1, Ordering::Relaxed);
+                    Ok(Step::Fill {
+                        polled: false,
+                        blocking: false,
+                    })
+                }
+                Err(why) => {
+                    tracing::info!(
+                        "a TLS handshake message ({len} bytes) after kernel TLS took over: \
+                         {why}; pair closed after the bytes before it"
+                    );
+                    Err(format!("key update: {why}"))
+                }
+            }
         }
         Ok(sys::KtlsRecord::Control { record_type, len }) => Err(format!(
             "a TLS record of type {record_type} ({len} bytes) after kernel TLS took over"

@@ -12,12 +12,19 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
 use std::time::SystemTime;
 
+use std::os::fd::BorrowedFd;
+
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
 use rustls::crypto::CryptoProvider;
+use rustls::kernel::KernelConnection;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::server::{
+    ClientHello, ResolvesServerCert, ServerConnectionData, UnbufferedServerConnection,
+};
 use rustls::sign::CertifiedKey;
+use rustls::unbuffered::{ConnectionState, EncodeError, UnbufferedStatus};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -352,39 +359,162 @@ pub fn ktls_direction(
     })
 }
 
-/// Gives a finished rustls connection's keys, both directions, to kernel TLS on `socket`
-/// (the tls ULP already attached). Nothing rustls would still send or has buffered may be
-/// pending: TLS 1.3 tickets go out before, key updates after are refused.
-pub fn hand_keys_to_kernel(
-    connection: rustls::Connection,
-    socket: std::os::fd::BorrowedFd,
+/// Installs rustls's extracted secrets, both directions, in kernel TLS on `socket` (the tls
+/// ULP already attached).
+pub fn install_secrets(
+    socket: BorrowedFd,
+    version: rustls::ProtocolVersion,
+    secrets: rustls::ExtractedSecrets,
 ) -> io::Result<()> {
-    let version = connection
-        .protocol_version()
-        .ok_or_else(|| io::Error::other("no TLS version after the handshake"))?;
-    #[allow(deprecated)] // tickets are sent before; key updates are refused
-    let secrets = match connection {
-        rustls::Connection::Client(client) => client.dangerous_extract_secrets(),
-        rustls::Connection::Server(server) => server.dangerous_extract_secrets(),
-    }
-    .map_err(io::Error::other)?;
     let tx = ktls_direction(version, secrets.tx).map_err(io::Error::other)?;
     let rx = ktls_direction(version, secrets.rx).map_err(io::Error::other)?;
     crate::sys::ktls_set(socket, true, &tx)?;
     crate::sys::ktls_set(socket, false, &rx)
 }
 
-/// What a connection has to send, as TLS records.
-fn pending_records<Side>(connection: &mut rustls::ConnectionCommon<Side>) -> io::Result<Vec<u8>> {
-    let mut records = Vec::new();
-    while connection.wants_write() {
-        connection.write_tls(&mut records)?;
+/// A TLS handshake message type (RFC 8446 B.3).
+const KEY_UPDATE: u8 = 24;
+const TLS_HANDSHAKE: u8 = 22;
+/// How long answering a peer's key update may wait for room in the socket.
+const KEY_UPDATE_SEND_LIMIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// What stays of rustls once kernel TLS carries a connection: its key schedule, so the
+/// peer's TLS 1.3 key updates can be followed (rustls's `kernel` module).
+pub enum KernelKeys {
+    Server(Box<KernelConnection<ServerConnectionData>>),
+    Client(Box<KernelConnection<ClientConnectionData>>),
+}
+
+impl fmt::Debug for KernelKeys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            KernelKeys::Server(_) => "KernelKeys::Server",
+            KernelKeys::Client(_) => "KernelKeys::Client",
+        })
     }
-    Ok(records)
+}
+
+impl KernelKeys {
+    fn version(&self) -> rustls::ProtocolVersion {
+        match self {
+            KernelKeys::Server(keys) => keys.protocol_version(),
+            KernelKeys::Client(keys) => keys.protocol_version(),
+        }
+    }
+
+    fn next_secret(&mut self, transmit: bool) -> Result<crate::sys::KtlsDirection, String> {
+        let version = self.version();
+        let next = match (self, transmit) {
+            (KernelKeys::Server(keys), true) => keys.update_tx_secret(),
+            (KernelKeys::Server(keys), false) => keys.update_rx_secret(),
+            (KernelKeys::Client(keys), true) => keys.update_tx_secret(),
+            (KernelKeys::Client(keys), false) => keys.update_rx_secret(),
+        }
+        .map_err(|error| format!("no next traffic secret: {error}"))?;
+        ktls_direction(version, next)
+    }
+
+    /// Follows a handshake record the peer sent after kernel TLS took over, which must be one
+    /// TLS 1.3 KeyUpdate (a key change ends a record): the kernel gets the next receive key,
+    /// and when the peer asked for it, wsplice's own KeyUpdate goes out under the old transmit
+    /// key before the kernel gets the next one.
+    pub fn follow_key_update(&mut self, socket: BorrowedFd, record: &[u8]) -> Result<(), String> {
+        let &[KEY_UPDATE, 0, 0, 1, request] = record else {
+            return Err(format!(
+                "a {}-byte handshake record (message type {:?}) after kernel TLS took over",
+                record.len(),
+                record.first()
+            ));
+        };
+        if request > 1 {
+            return Err(format!("a KeyUpdate with request {request}"));
+        }
+        let receive = self.next_secret(false)?;
+        crate::sys::ktls_set(socket, false, &receive).map_err(|error| {
+            format!(
+                "this kernel cannot take a new receive key ({error}): following TLS 1.3 key \
+                 updates under kernel TLS needs Linux 6.14 or newer"
+            )
+        })?;
+        if request == 1 {
+            const NOT_REQUESTED: [u8; 5] = [KEY_UPDATE, 0, 0, 1, 0];
+            loop {
+                match crate::sys::ktls_send_control(socket, TLS_HANDSHAKE, &NOT_REQUESTED) {
+                    Ok(()) => break,
+                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                        if !crate::sys::wait_writable(socket, KEY_UPDATE_SEND_LIMIT)
+                            .map_err(|error| error.to_string())?
+                        {
+                            return Err("no room to answer a KeyUpdate within 1 s".into());
+                        }
+                    }
+                    Err(error) => return Err(format!("answering a KeyUpdate: {error}")),
+                }
+            }
+            let transmit = self.next_secret(true)?;
+            crate::sys::ktls_set(socket, true, &transmit)
+                .map_err(|error| format!("a new transmit key: {error}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// Moves a finished handshake into kernel TLS on `socket` (the tls ULP attached), keeping
+/// rustls's key schedule for the key updates to come.
+fn into_kernel<Data>(
+    socket: BorrowedFd,
+    handed: Result<(rustls::ExtractedSecrets, KernelConnection<Data>), rustls::Error>,
+    keys: impl FnOnce(KernelConnection<Data>) -> KernelKeys,
+) -> io::Result<KernelKeys> {
+    let (secrets, connection) = handed.map_err(io::Error::other)?;
+    install_secrets(socket, connection.protocol_version(), secrets)?;
+    Ok(keys(connection))
+}
+
+/// Moves a finished server handshake into kernel TLS on `socket` (the tls ULP attached).
+pub fn server_into_kernel(
+    connection: UnbufferedServerConnection,
+    socket: BorrowedFd,
+) -> io::Result<KernelKeys> {
+    into_kernel(
+        socket,
+        connection.dangerous_into_kernel_connection(),
+        |keys| KernelKeys::Server(Box::new(keys)),
+    )
 }
 
 /// The largest TLS record a peer may send: 2^14 bytes of plaintext plus expansion.
 const MAX_RECORD: usize = (1 << 14) + 2048;
+
+/// rustls's unbuffered connection, server or client side, as the whole-record handshake
+/// drives it.
+trait Unbuffered {
+    type Data;
+    fn process<'c, 'i>(
+        &'c mut self,
+        incoming: &'i mut [u8],
+    ) -> UnbufferedStatus<'c, 'i, Self::Data>;
+}
+
+impl Unbuffered for UnbufferedServerConnection {
+    type Data = ServerConnectionData;
+    fn process<'c, 'i>(
+        &'c mut self,
+        incoming: &'i mut [u8],
+    ) -> UnbufferedStatus<'c, 'i, Self::Data> {
+        self.process_tls_records(incoming)
+    }
+}
+
+impl Unbuffered for UnbufferedClientConnection {
+    type Data = ClientConnectionData;
+    fn process<'c, 'i>(
+        &'c mut self,
+        incoming: &'i mut [u8],
+    ) -> UnbufferedStatus<'c, 'i, Self::Data> {
+        self.process_tls_records(incoming)
+    }
+}
 
 /// A server handshake that reads whole TLS records only, so nothing the client sent after its
 /// Finished (the HTTP request often comes in the same flight) leaves the kernel: kernel TLS can
@@ -393,45 +523,103 @@ const MAX_RECORD: usize = (1 << 14) + 2048;
 pub async fn handshake_whole_records(
     config: Arc<ServerConfig>,
     stream: &mut TcpStream,
-) -> io::Result<rustls::ServerConnection> {
-    let mut connection = rustls::ServerConnection::new(config).map_err(io::Error::other)?;
+) -> io::Result<UnbufferedServerConnection> {
+    let mut connection = UnbufferedServerConnection::new(config).map_err(io::Error::other)?;
     finish_handshake_whole_records(&mut connection, stream).await?;
     Ok(connection)
 }
 
-/// Drives a handshake to its end, reading one whole TLS record at a time.
-async fn finish_handshake_whole_records<Side>(
-    connection: &mut rustls::ConnectionCommon<Side>,
+/// What the handshake loop does after handling one state.
+enum Next {
+    Process,
+    Transmit,
+    ReadRecord,
+    Finished,
+}
+
+/// Drives a handshake to its end, reading one whole TLS record at a time. After a failure,
+/// the alert rustls queued goes out before the error is returned.
+async fn finish_handshake_whole_records(
+    connection: &mut impl Unbuffered,
     stream: &mut TcpStream,
 ) -> io::Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut record = Vec::with_capacity(MAX_RECORD + 5);
+    let mut incoming = Vec::with_capacity(MAX_RECORD + 5);
+    let mut outgoing = Vec::new();
+    let mut failure: Option<io::Error> = None;
     loop {
-        stream.write_all(&pending_records(connection)?).await?;
-        if !connection.is_handshaking() {
-            return Ok(());
-        }
-        let mut header = [0u8; 5];
-        stream.read_exact(&mut header).await?;
-        let length = usize::from(u16::from_be_bytes([header[3], header[4]]));
-        if length > MAX_RECORD {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("a TLS record of {length} bytes"),
-            ));
-        }
-        record.clear();
-        record.extend_from_slice(&header);
-        record.resize(5 + length, 0);
-        stream.read_exact(&mut record[5..]).await?;
-        let mut unread = &record[..];
-        while !unread.is_empty() {
-            connection.read_tls(&mut unread)?;
-        }
-        if let Err(error) = connection.process_new_packets() {
-            // The alert rustls queued goes out before the connection does.
-            let _ = stream.write_all(&pending_records(connection)?).await;
-            return Err(io::Error::new(io::ErrorKind::InvalidData, error));
+        let status = connection.process(&mut incoming);
+        let discard = status.discard;
+        let next = match status.state {
+            Ok(ConnectionState::EncodeTlsData(mut record)) => {
+                let start = outgoing.len();
+                outgoing.resize(start + MAX_RECORD, 0);
+                let written = match record.encode(&mut outgoing[start..]) {
+                    Err(EncodeError::InsufficientSize(size)) => {
+                        outgoing.resize(start + size.required_size, 0);
+                        record.encode(&mut outgoing[start..])
+                    }
+                    other => other,
+                }
+                .map_err(io::Error::other)?;
+                outgoing.truncate(start + written);
+                Next::Process
+            }
+            Ok(ConnectionState::TransmitTlsData(transmit)) => {
+                transmit.done(); // the bytes are in `outgoing`, written below
+                Next::Transmit
+            }
+            _ if failure.is_some() => Next::Finished,
+            Ok(ConnectionState::BlockedHandshake) => Next::ReadRecord,
+            Ok(ConnectionState::WriteTraffic(_)) => Next::Finished,
+            Ok(other) => {
+                failure = Some(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{other:?} before the handshake finished"),
+                ));
+                Next::Process
+            }
+            Err(error) => {
+                failure = Some(io::Error::new(io::ErrorKind::InvalidData, error));
+                Next::Process
+            }
+        };
+        incoming.drain(..discard);
+        match next {
+            Next::Process => {}
+            Next::Transmit => {
+                stream.write_all(&outgoing).await?;
+                outgoing.clear();
+            }
+            Next::ReadRecord => {
+                let mut header = [0u8; 5];
+                stream.read_exact(&mut header).await?;
+                let length = usize::from(u16::from_be_bytes([header[3], header[4]]));
+                if length > MAX_RECORD {
+                    failure = Some(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("a TLS record of {length} bytes"),
+                    ));
+                    continue;
+                }
+                let start = incoming.len();
+                incoming.extend_from_slice(&header);
+                incoming.resize(start + 5 + length, 0);
+                stream.read_exact(&mut incoming[start + 5..]).await?;
+            }
+            Next::Finished => {
+                if let Some(error) = failure {
+                    let _ = stream.write_all(&outgoing).await;
+                    return Err(error);
+                }
+                stream.write_all(&outgoing).await?;
+                if !incoming.is_empty() {
+                    return Err(io::Error::other(
+                        "rustls left records unread after the handshake",
+                    ));
+                }
+                return Ok(());
+            }
         }
     }
 }
@@ -448,11 +636,16 @@ pub async fn connect_kernel_tls(
     use std::os::fd::AsFd;
     crate::sys::ktls_attach(socket.as_fd())?;
     let mut connection =
-        rustls::ClientConnection::new(config, server_name).map_err(io::Error::other)?;
+        UnbufferedClientConnection::new(config, server_name).map_err(io::Error::other)?;
     finish_handshake_whole_records(&mut connection, &mut socket).await?;
-    hand_keys_to_kernel(connection.into(), socket.as_fd())?;
+    let keys = into_kernel(
+        socket.as_fd(),
+        connection.dangerous_into_kernel_connection(),
+        |keys| KernelKeys::Client(Box::new(keys)),
+    )?;
     Ok(KtlsStream {
         socket,
+        keys,
         closed_by_peer: false,
     })
 }
@@ -510,6 +703,7 @@ pub enum Stream {
 #[derive(Debug)]
 pub struct KtlsStream {
     socket: TcpStream,
+    keys: KernelKeys,
     closed_by_peer: bool,
 }
 
@@ -517,18 +711,20 @@ impl KtlsStream {
     /// Moves a finished server handshake into kernel TLS on its socket, to which the tls ULP
     /// was attached before the handshake (the ULP joins only an established socket, and a
     /// client may have half-closed by the end of the handshake).
-    pub fn install(connection: rustls::ServerConnection, socket: TcpStream) -> io::Result<Self> {
+    pub fn install(connection: UnbufferedServerConnection, socket: TcpStream) -> io::Result<Self> {
         use std::os::fd::AsFd;
-        hand_keys_to_kernel(connection.into(), socket.as_fd())?;
+        let keys = server_into_kernel(connection, socket.as_fd())?;
         Ok(KtlsStream {
             socket,
+            keys,
             closed_by_peer: false,
         })
     }
 
-    /// The socket, and whether the peer's close_notify was already read.
-    pub fn into_parts(self) -> (TcpStream, bool) {
-        (self.socket, self.closed_by_peer)
+    /// The socket, rustls's key schedule, and whether the peer's close_notify was already
+    /// read.
+    pub fn into_parts(self) -> (TcpStream, KernelKeys, bool) {
+        (self.socket, self.keys, self.closed_by_peer)
     }
 }
 
@@ -566,10 +762,20 @@ impl AsyncRead for KtlsStream {
                     record_type: 22,
                     len,
                 }) if only_session_tickets(&unfilled[..len]) => continue,
+                Ok(crate::sys::KtlsRecord::Control {
+                    record_type: TLS_HANDSHAKE,
+                    len,
+                }) => match this
+                    .keys
+                    .follow_key_update(this.socket.as_fd(), &unfilled[..len])
+                {
+                    Ok(()) => continue,
+                    Err(why) => Err(io::Error::other(why)),
+                },
                 Ok(crate::sys::KtlsRecord::Control { record_type, len }) => {
                     Err(io::Error::other(format!(
                         "a TLS record of type {record_type} ({len} bytes) after kernel TLS \
-                         took over (an alert, or a key update this kernel cannot follow)"
+                         took over"
                     )))
                 }
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,

@@ -30,7 +30,14 @@ fn finish_handshake(conn: &mut rustls::Connection, socket: &mut TcpStream) {
 /// Moves a finished rustls connection's keys into kernel TLS on `socket`.
 fn install(conn: rustls::Connection, socket: &TcpStream) {
     wsplice::sys::ktls_attach(socket.as_fd()).expect("attach the tls ULP");
-    wsplice::tls::hand_keys_to_kernel(conn, socket.as_fd()).expect("TLS_TX and TLS_RX");
+    let version = conn.protocol_version().unwrap();
+    #[allow(deprecated)] // these connections see no key update
+    let secrets = match conn {
+        rustls::Connection::Client(client) => client.dangerous_extract_secrets(),
+        rustls::Connection::Server(server) => server.dangerous_extract_secrets(),
+    }
+    .unwrap();
+    wsplice::tls::install_secrets(socket.as_fd(), version, secrets).expect("TLS_TX and TLS_RX");
     assert_eq!(wsplice::sys::tcp_ulp(socket.as_fd()).unwrap(), "tls");
 }
 
@@ -183,7 +190,8 @@ fn kernel_tls_takes_over_a_server_after_a_whole_record_handshake() {
         let address = listener.local_addr().unwrap();
         let server = thread::spawn(move || {
             let (connection, mut socket) = accept_whole_record_handshake(listener, server_config);
-            install(rustls::Connection::Server(connection), &socket);
+            wsplice::sys::ktls_attach(socket.as_fd()).expect("attach the tls ULP");
+            wsplice::tls::server_into_kernel(connection, socket.as_fd()).expect("kernel TLS");
             let mut received = vec![0u8; request.len()];
             std::io::Read::read_exact(&mut socket, &mut received).unwrap();
             assert_eq!(&received, request, "the request, decrypted by the kernel");

@@ -326,10 +326,15 @@ const TLS_SET_RECORD_TYPE: i32 = 1;
 
 /// Sends a close_notify alert through kernel TLS (before shutting the write side down).
 pub fn ktls_send_close_notify(fd: BorrowedFd) -> io::Result<()> {
-    let mut alert = [1u8, 0]; // warning, close_notify
+    ktls_send_control(fd, 21, &[1, 0]) // alert: warning, close_notify
+}
+
+/// Sends one record of `record_type` (21 alert, 22 handshake) through kernel TLS, without
+/// blocking; the kernel encrypts it with the current transmit key.
+pub fn ktls_send_control(fd: BorrowedFd, record_type: u8, payload: &[u8]) -> io::Result<()> {
     let mut iov = libc::iovec {
-        iov_base: alert.as_mut_ptr().cast(),
-        iov_len: alert.len(),
+        iov_base: payload.as_ptr().cast_mut().cast(),
+        iov_len: payload.len(),
     };
     let mut control = [0u64; 4];
     let mut message = message_header(&mut iov, &mut control);
@@ -341,14 +346,36 @@ pub fn ktls_send_close_notify(fd: BorrowedFd) -> io::Result<()> {
         (*header).cmsg_level = SOL_TLS;
         (*header).cmsg_type = TLS_SET_RECORD_TYPE;
         (*header).cmsg_len = libc::CMSG_LEN(1) as _;
-        *libc::CMSG_DATA(header) = 21; // alert
+        *libc::CMSG_DATA(header) = record_type;
     }
-    // SAFETY: the iovec and control buffer are live for the call.
+    // SAFETY: the iovec (read only by sendmsg) and the control buffer are live for the call.
     let sent = unsafe { libc::sendmsg(fd.as_raw_fd(), &message, libc::MSG_DONTWAIT) };
     if sent < 0 {
         Err(io::Error::last_os_error())
+    } else if sent as usize != payload.len() {
+        Err(io::Error::other(format!(
+            "a {}-byte TLS control record went out as {sent} bytes",
+            payload.len()
+        )))
     } else {
         Ok(())
+    }
+}
+
+/// Waits up to `limit` for room to write on `fd`; false when none came.
+pub fn wait_writable(fd: BorrowedFd, limit: std::time::Duration) -> io::Result<bool> {
+    let mut entry = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    let millis = limit.as_millis().min(i32::MAX as u128) as i32;
+    // SAFETY: one live pollfd, and its count is 1.
+    let ready = unsafe { libc::poll(&mut entry, 1, millis) };
+    if ready < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ready > 0)
     }
 }
 
