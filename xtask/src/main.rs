@@ -3,11 +3,13 @@
 //! - `cargo xtask test`: the gate (fmt, clippy), every plain test, then the data-plane and TLS
 //!   tests (real sockets, real BPF as root) single-threaded in release, then the data-plane
 //!   suite in a VM on Debian's stock kernel (installs qemu-system-x86, linux-image-amd64 and
-//!   busybox-static if missing). Fails, never skips, when a prerequisite is missing.
+//!   busybox-static if missing), then the kernel TLS tests on a newer Debian kernel (fetched
+//!   from trixie-backports into target/vm). Fails, never skips, when a prerequisite is missing.
 //! - `cargo xtask bench [--quick] [--only TARGET] [--scenario NAME] [--netns]`: wsplice
 //!   against nginx, HAProxy and Apache; `--vm`: the rustls relay against kernel TLS + splice
 //!   for wss://, inside the test VM.
-//! - `cargo xtask vm SCRIPT`: runs a shell script inside the test VM (Debian's stock kernel).
+//! - `cargo xtask vm [--newer-kernel] SCRIPT`: runs a shell script inside the test VM (Debian's
+//!   stock kernel, or the newer one of `vm::newer_kernel`).
 //! - `cargo xtask relay-bench`: tokio vs io_uring for the userspace relay, CPU per GB.
 //! - `cargo xtask build-ebpf`: compiles ebpf/wsplice.bpf.c to target/bpf/ (build.rs does the
 //!   same for the library; this is for inspecting the object, e.g. with bpftool).
@@ -27,10 +29,13 @@ fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// Runs a command to its end (in the workspace unless it names a directory).
 fn run(command: &mut Command) -> Result<()> {
     eprintln!("xtask: running {command:?}");
+    if command.get_current_dir().is_none() {
+        command.current_dir(workspace_root());
+    }
     let status = command
-        .current_dir(workspace_root())
         .status()
         .with_context(|| format!("cannot start {command:?}"))?;
     if !status.success() {
@@ -186,20 +191,62 @@ fn vm_tests() -> Result<()> {
             heavy_skip = "--skip ten_thousand",
         ),
     )?;
-    let code = vm::run_script(&script, std::time::Duration::from_secs(900))?;
+    let code = vm::run_script(
+        &vm::installed_kernel()?,
+        &script,
+        std::time::Duration::from_secs(900),
+    )?;
     if code != 0 {
         bail!("the VM tests failed (exit {code})");
     }
     eprintln!("xtask: the kernel TLS and data-plane tests passed in the VM");
+    newer_kernel_tests(&ktls, &tls)
+}
+
+/// On a newer Debian kernel (6.14 or later takes new kernel TLS keys): the kernel TLS tests
+/// again, where a client's TLS 1.3 key update must be followed with every byte carried.
+fn newer_kernel_tests(ktls: &Path, tls: &Path) -> Result<()> {
+    let kernel = vm::newer_kernel()?;
+    let script = workspace_root().join("target/vm/newer-kernel-suite.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "set -e\ncd '{root}'\nexport WSPLICE_EXPECT_KERNEL_TLS=1\n'{ktls}' --ignored --test-threads=1 --color never\n\
+             '{tls}' --test-threads=1 --color never --skip certificates_reload\n",
+            root = workspace_root().display(),
+            ktls = ktls.display(),
+            tls = tls.display(),
+        ),
+    )?;
+    let code = vm::run_script(&kernel, &script, std::time::Duration::from_secs(600))?;
+    if code != 0 {
+        bail!(
+            "the kernel TLS tests failed on {} (exit {code})",
+            kernel.version
+        );
+    }
+    eprintln!(
+        "xtask: the kernel TLS tests passed in the VM on {}",
+        kernel.version
+    );
     Ok(())
 }
 
 /// Runs a shell script inside the test VM (`cargo xtask vm SCRIPT`).
 fn vm_script(extra: &[String]) -> Result<()> {
-    let script = extra.first().context("usage: cargo xtask vm SCRIPT")?;
+    let newer = extra.iter().any(|arg| arg == "--newer-kernel");
+    let script = extra
+        .iter()
+        .find(|arg| !arg.starts_with("--"))
+        .context("usage: cargo xtask vm [--newer-kernel] SCRIPT")?;
     vm::ensure_packages()?;
     let script = std::fs::canonicalize(script)?;
-    let code = vm::run_script(&script, std::time::Duration::from_secs(1800))?;
+    let kernel = if newer {
+        vm::newer_kernel()?
+    } else {
+        vm::installed_kernel()?
+    };
+    let code = vm::run_script(&kernel, &script, std::time::Duration::from_secs(1800))?;
     if code != 0 {
         bail!("the script exited with {code} in the VM");
     }
@@ -264,6 +311,7 @@ fn bench_in_vm(quick: bool) -> Result<()> {
         ),
     )?;
     let (code, lines) = vm::run_script_collecting(
+        &vm::installed_kernel()?,
         &script,
         std::time::Duration::from_secs(1800),
         Some("WSPLICE-RESULT"),
@@ -308,7 +356,7 @@ fn main() -> ExitCode {
         "vm" => vm_script(&extra),
         _ => {
             eprintln!(
-                "usage: cargo xtask <test|bench [--quick] [--only TARGET] [--scenario NAME] [--vm]|vm SCRIPT|build-ebpf|relay-bench>"
+                "usage: cargo xtask <test|bench [--quick] [--only TARGET] [--scenario NAME] [--vm]|vm [--newer-kernel] SCRIPT|build-ebpf|relay-bench>"
             );
             return ExitCode::from(64);
         }

@@ -53,8 +53,16 @@ pub fn ensure_packages() -> Result<()> {
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
-/// The newest installed Debian kernel: its version and image.
-fn kernel() -> Result<(String, PathBuf)> {
+/// A kernel the VM boots: its version, its image, and the directory whose `lib/modules` holds
+/// its modules (`/` for an installed one).
+pub struct Kernel {
+    pub version: String,
+    image: PathBuf,
+    module_root: PathBuf,
+}
+
+/// The newest installed Debian kernel (linux-image-amd64 of the host's release: 6.1).
+pub fn installed_kernel() -> Result<Kernel> {
     let mut versions: Vec<String> = std::fs::read_dir("/boot")
         .context("/boot")?
         .filter_map(|entry| entry.ok())
@@ -71,14 +79,122 @@ fn kernel() -> Result<(String, PathBuf)> {
     let version = versions
         .pop()
         .context("no /boot/vmlinuz-* with its /lib/modules (is linux-image-amd64 installed?)")?;
-    let image = PathBuf::from(format!("/boot/vmlinuz-{version}"));
-    Ok((version, image))
+    Ok(Kernel {
+        image: PathBuf::from(format!("/boot/vmlinuz-{version}")),
+        version,
+        module_root: PathBuf::from("/"),
+    })
+}
+
+/// Where the newer kernel comes from: Debian's next release's backports, whose
+/// linux-image-amd64 follows upstream's recent stable kernels.
+const NEWER_KERNEL_SUITE: &str = "trixie-backports";
+
+/// A newer Debian kernel than the host's release has (for what 6.1 lacks, such as kernel TLS
+/// taking a new key): the packages of `NEWER_KERNEL_SUITE`'s linux-image-amd64, fetched by apt
+/// with a private package list and unpacked under target/vm, never installed on the host.
+pub fn newer_kernel() -> Result<Kernel> {
+    let dir = workspace_root().join(format!("target/vm/{NEWER_KERNEL_SUITE}"));
+    for sub in ["lists/partial", "cache/archives/partial"] {
+        std::fs::create_dir_all(dir.join(sub))?;
+    }
+    let sources = dir.join("sources.list");
+    std::fs::write(
+        &sources,
+        format!(
+            "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] \
+             http://deb.debian.org/debian {NEWER_KERNEL_SUITE} main\n"
+        ),
+    )?;
+    let apt_options = [
+        format!("Dir::Etc::SourceList={}", sources.display()),
+        "Dir::Etc::SourceParts=/nonexistent".into(),
+        format!("Dir::State::Lists={}", dir.join("lists").display()),
+        format!("Dir::Cache={}", dir.join("cache").display()),
+        "Debug::NoLocking=1".into(),
+        "APT::Sandbox::User=root".into(),
+    ];
+    let apt = |tool: &str| {
+        let mut command = Command::new(tool);
+        for option in &apt_options {
+            command.arg("-o").arg(option);
+        }
+        command.current_dir(&dir);
+        command
+    };
+    run(apt("apt-get").args(["update", "-qq"]))?;
+    let depends = |package: &str| -> Result<Vec<String>> {
+        let out = apt("apt-cache").args(["depends", package]).output()?;
+        if !out.status.success() {
+            bail!("apt-cache depends {package} failed");
+        }
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|line| line.trim().strip_prefix("Depends: "))
+            .map(str::to_string)
+            .collect())
+    };
+    let image_package = depends("linux-image-amd64")?
+        .into_iter()
+        .find(|name| name.starts_with("linux-image-"))
+        .context("linux-image-amd64 names no versioned kernel package")?;
+    let version = image_package["linux-image-".len()..].to_string();
+    let root = dir.join(format!("root-{version}"));
+    let done = root.join(".unpacked");
+    if !done.exists() {
+        // Newer packaging splits the kernel over linux-{binary,modules,base}-VERSION.
+        let mut packages = vec![image_package.clone()];
+        packages.extend(
+            depends(&image_package)?
+                .into_iter()
+                .filter(|name| name.starts_with("linux-") && name.ends_with(&version)),
+        );
+        eprintln!("xtask: fetching {} for the VM", packages.join(" "));
+        run(apt("apt-get").args(["download", "-qq"]).args(&packages))?;
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root)?;
+        for package in &packages {
+            let deb = std::fs::read_dir(&dir)?
+                .filter_map(|entry| entry.ok())
+                .map(|entry| entry.path())
+                .find(|path| {
+                    path.file_name()
+                        .and_then(|name| name.to_str())
+                        .is_some_and(|name| {
+                            name.starts_with(&format!("{package}_")) && name.ends_with(".deb")
+                        })
+                })
+                .with_context(|| format!("apt fetched no {package}"))?;
+            run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root))?;
+            std::fs::remove_file(&deb)?;
+        }
+        // Merged /usr: modprobe and depmod look under ROOT/lib/modules.
+        if !root.join("lib").exists() {
+            std::os::unix::fs::symlink("usr/lib", root.join("lib"))?;
+        }
+        run(Command::new("depmod").arg("-b").arg(&root).arg(&version))?;
+        std::fs::write(&done, "")?;
+    }
+    let image = [
+        root.join(format!("lib/modules/{version}/vmlinuz")),
+        root.join(format!("boot/vmlinuz-{version}")),
+    ]
+    .into_iter()
+    .find(|path| path.exists())
+    .with_context(|| format!("no kernel image in {}", root.display()))?;
+    Ok(Kernel {
+        version,
+        image,
+        module_root: root,
+    })
 }
 
 /// `insmod` lines for `module` and what it needs, from modprobe's own dependency list.
-fn module_files(version: &str, module: &str) -> Result<Vec<PathBuf>> {
+fn module_files(kernel: &Kernel, module: &str) -> Result<Vec<PathBuf>> {
     let out = Command::new("modprobe")
-        .args(["-S", version, "--show-depends", module])
+        .arg("-d")
+        .arg(&kernel.module_root)
+        .args(["-S", &kernel.version, "--show-depends", module])
         .output()
         .context("modprobe")?;
     if !out.status.success() {
@@ -110,13 +226,15 @@ mount -t sysfs sys /newroot/sys
 mount -t devtmpfs dev /newroot/dev
 # /tmp stays the overlay's: the workspace may live under the host's /tmp.
 mount -t bpf bpf /newroot/sys/fs/bpf 2>/dev/null
-# Modules the kernel asks for (gcm(aes) for kernel TLS) come from the host's tree.
-printf '#!/bin/sh\nexec chroot /newroot /sbin/modprobe "$@"\n' > /modprobe-helper
+# Modules the kernel asks for (gcm(aes) for kernel TLS) come from the host's tree, or from
+# where the kernel's packages were unpacked.
+modroot=$(sed -n 's/.*wsplice\.modroot=\([^ ]*\).*/\1/p' /proc/cmdline)
+printf '#!/bin/sh\nexec chroot /newroot /sbin/modprobe -d "%s" "$@"\n' "$modroot" > /modprobe-helper
 chmod +x /modprobe-helper
 echo /modprobe-helper > /proc/sys/kernel/modprobe
 # What udev loads at boot for this CPU's features: without them the kernel's crypto is its
 # generic C code (gcm_base(ctr(aes-generic),...)), which no real machine would run.
-chroot /newroot /sbin/modprobe -a aesni_intel ghash_clmulni_intel chacha_x86_64 poly1305_x86_64 2>/dev/null
+/modprobe-helper -a aesni_intel ghash_clmulni_intel chacha_x86_64 poly1305_x86_64 2>/dev/null
 ip link set lo up
 script=$(sed -n 's/.*wsplice\.script=\([^ ]*\).*/\1/p' /proc/cmdline)
 echo "wsplice-vm: kernel $(uname -r), running $script"
@@ -126,7 +244,8 @@ poweroff -f
 "#;
 
 /// Builds (once per kernel version and init script) the initramfs; returns its path.
-fn initramfs(version: &str) -> Result<PathBuf> {
+fn initramfs(kernel: &Kernel) -> Result<PathBuf> {
+    let version = &kernel.version;
     use std::hash::{Hash, Hasher};
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     (INIT, MODULES).hash(&mut hasher);
@@ -147,7 +266,7 @@ fn initramfs(version: &str) -> Result<PathBuf> {
     let mut order = String::new();
     let mut seen = std::collections::HashSet::new();
     for module in MODULES {
-        for file in module_files(version, module)? {
+        for file in module_files(kernel, module)? {
             if !seen.insert(file.clone()) {
                 continue;
             }
@@ -208,23 +327,24 @@ fn accelerator() -> &'static str {
 
 /// Boots the VM, runs `script` (a shell script on the host's file system) inside it, and
 /// returns its exit code. The console is copied to stderr as it comes.
-pub fn run_script(script: &Path, limit: Duration) -> Result<i32> {
-    Ok(run_script_collecting(script, limit, None)?.0)
+pub fn run_script(kernel: &Kernel, script: &Path, limit: Duration) -> Result<i32> {
+    Ok(run_script_collecting(kernel, script, limit, None)?.0)
 }
 
 /// `run_script`, also returning the console lines that start with `prefix` (prefix removed):
 /// the VM's files do not outlive it, so results come back this way.
 pub fn run_script_collecting(
+    kernel: &Kernel,
     script: &Path,
     limit: Duration,
     prefix: Option<&str>,
 ) -> Result<(i32, Vec<String>)> {
     let mut collected = Vec::new();
-    let (version, image) = kernel()?;
-    let initrd = initramfs(&version)?;
+    let initrd = initramfs(kernel)?;
     let accel = accelerator();
     eprintln!(
-        "xtask: VM: kernel {version}, {accel}, running {}",
+        "xtask: VM: kernel {}, {accel}, running {}",
+        kernel.version,
         script.display()
     );
     let mut qemu = Command::new("qemu-system-x86_64")
@@ -232,13 +352,14 @@ pub fn run_script_collecting(
         .args(["-accel", accel])
         .args(["-cpu", if accel == "kvm" { "host" } else { "max" }])
         .arg("-kernel")
-        .arg(&image)
+        .arg(&kernel.image)
         .arg("-initrd")
         .arg(&initrd)
         .arg("-append")
         .arg(format!(
-            "console=ttyS0 panic=-1 quiet loglevel=3 wsplice.script={}",
-            script.display()
+            "console=ttyS0 panic=-1 quiet loglevel=3 wsplice.script={} wsplice.modroot={}",
+            script.display(),
+            kernel.module_root.display()
         ))
         .args([
             "-virtfs",
