@@ -16,7 +16,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use aya::maps::{Map, MapData, RingBuf, SockHash};
 use aya::programs::SkSkb;
@@ -375,7 +375,13 @@ struct Flow {
     verified_redirected: u64,
     source_eof: bool,
     peer_shut: bool,
+    /// Since when the source has held bytes the verdict has not taken yet.
+    unseen_since: Option<Instant>,
 }
+
+/// How long bytes may sit on an offloaded socket without the verdict taking them before the
+/// pair is given up (each look wakes the verdict again).
+const UNSEEN_LIMIT: Duration = Duration::from_secs(2);
 
 impl Flow {
     fn new(peer_base: u64, limit: u64) -> Self {
@@ -390,6 +396,7 @@ impl Flow {
             verified_redirected: 0,
             source_eof: false,
             peer_shut: false,
+            unseen_since: None,
         }
     }
 }
@@ -828,6 +835,9 @@ fn relay_passed(
             );
         }
         let owed = flow.kernel.passed.saturating_sub(flow.read);
+        if owed > 0 {
+            flow.unseen_since = None;
+        }
         if owed == 0 {
             if flow.source_eof {
                 return Ok(Wait::Nothing);
@@ -844,8 +854,22 @@ fn relay_passed(
                     looked_again = true;
                     continue;
                 }
-                Ok(_) => Err("bytes on an offloaded socket that the verdict never saw".into()),
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => Ok(Wait::Nothing),
+                // Bytes the verdict has not taken yet (a data-ready call still to come): wake
+                // it and look again soon; only bytes that stay unseen end the pair.
+                Ok(_) => {
+                    let since = *flow.unseen_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() > UNSEEN_LIMIT {
+                        return Err(format!(
+                            "bytes on an offloaded socket that the verdict did not take for {UNSEEN_LIMIT:?}"
+                        ));
+                    }
+                    let _ = sys::set_rcvlowat(source.stream.as_fd(), 1);
+                    Ok(Wait::Drain)
+                }
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                    flow.unseen_since = None;
+                    Ok(Wait::Nothing)
+                }
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
                 Err(error) => Err(format!("read from source: {error}")),
             };
