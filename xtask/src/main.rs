@@ -6,8 +6,8 @@
 //!   busybox-static if missing), then the kernel TLS tests on a newer Debian kernel (fetched
 //!   from trixie-backports into target/vm). Fails, never skips, when a prerequisite is missing.
 //! - `cargo xtask bench [--quick] [--only TARGET] [--scenario NAME] [--netns]`: wsplice
-//!   against nginx, HAProxy and Apache; `--vm`: the rustls relay against kernel TLS + splice
-//!   for wss://, inside the test VM.
+//!   against nginx, HAProxy and Apache; `--vm [--newer-kernel]`: the rustls relay against
+//!   kernel TLS + splice for wss://, inside the test VM.
 //! - `cargo xtask vm [--newer-kernel] SCRIPT`: runs a shell script inside the test VM (Debian's
 //!   stock kernel, or the newer one of `vm::newer_kernel`).
 //! - `cargo xtask relay-bench`: tokio vs io_uring for the userspace relay, CPU per GB.
@@ -256,7 +256,10 @@ fn vm_script(extra: &[String]) -> Result<()> {
 /// Benchmarks wsplice against nginx, HAProxy and Apache (bench/results/latest.{json,md}).
 fn bench(extra: &[String]) -> Result<()> {
     if extra.iter().any(|a| a == "--vm") {
-        return bench_in_vm(extra.iter().any(|a| a == "--quick"));
+        return bench_in_vm(
+            extra.iter().any(|a| a == "--quick"),
+            extra.iter().any(|a| a == "--newer-kernel"),
+        );
     }
     if !is_root() {
         bail!("the benchmark loads BPF and starts nginx/HAProxy/Apache: run it as root");
@@ -293,9 +296,10 @@ fn bench(extra: &[String]) -> Result<()> {
         .args(extra))
 }
 
-/// `cargo xtask bench --vm`: wss:// through the rustls relay against kernel TLS + splice, in
-/// the test VM (the host kernel has no kernel TLS); results in bench/results/vm-kernel-tls.md.
-fn bench_in_vm(quick: bool) -> Result<()> {
+/// `cargo xtask bench --vm [--newer-kernel]`: wss:// through the rustls relay against kernel
+/// TLS + splice, in the test VM (the host kernel has no kernel TLS); results in
+/// bench/results/vm-kernel-tls.md (vm-kernel-tls-newer.md on the newer kernel).
+fn bench_in_vm(quick: bool, newer: bool) -> Result<()> {
     vm::ensure_packages()?;
     run(cargo().args(["build", "--release", "-p", "wsplice", "-p", "wsplice-bench"]))?;
     let root = workspace_root();
@@ -310,8 +314,13 @@ fn bench_in_vm(quick: bool) -> Result<()> {
             quick = if quick { " --quick" } else { "" },
         ),
     )?;
+    let kernel = if newer {
+        vm::newer_kernel()?
+    } else {
+        vm::installed_kernel()?
+    };
     let (code, lines) = vm::run_script_collecting(
-        &vm::installed_kernel()?,
+        &kernel,
         &script,
         std::time::Duration::from_secs(1800),
         Some("WSPLICE-RESULT"),
@@ -319,7 +328,11 @@ fn bench_in_vm(quick: bool) -> Result<()> {
     if code != 0 || lines.is_empty() {
         bail!("the benchmark failed in the VM (exit {code})");
     }
-    let results = root.join("bench/results/vm-kernel-tls.md");
+    let results = root.join(if newer {
+        "bench/results/vm-kernel-tls-newer.md"
+    } else {
+        "bench/results/vm-kernel-tls.md"
+    });
     // The console drops trailing spaces: an empty line comes without the prefix's space.
     let lines: Vec<&str> = lines
         .iter()
@@ -356,7 +369,7 @@ fn main() -> ExitCode {
         "vm" => vm_script(&extra),
         _ => {
             eprintln!(
-                "usage: cargo xtask <test|bench [--quick] [--only TARGET] [--scenario NAME] [--vm]|vm [--newer-kernel] SCRIPT|build-ebpf|relay-bench>"
+                "usage: cargo xtask <test|bench [--quick] [--only TARGET] [--scenario NAME] [--vm [--newer-kernel]]|vm [--newer-kernel] SCRIPT|build-ebpf|relay-bench>"
             );
             return ExitCode::from(64);
         }
