@@ -14,6 +14,12 @@ use toml::Spanned;
 
 /// Default bound on bytes held per connection per direction (kernel + wsplice).
 pub const DEFAULT_MAX_BUFFERED: u64 = 4 << 20;
+/// Sockmap mode relays a pair in userspace for its first second: reconnect storms and health
+/// checks close sooner and never pay for the kernel set-up; a WebSocket that stays is
+/// offloaded for the rest of its life.
+pub const DEFAULT_OFFLOAD_AFTER: Duration = Duration::from_secs(1);
+/// A longer trial would keep long-lived pairs' bytes in userspace for nothing.
+const MAX_OFFLOAD_AFTER: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -41,6 +47,9 @@ pub struct ServerSettings {
     /// A tunnel with no byte either way for this long is closed (Apache's ProxyTimeout,
     /// HAProxy's `timeout tunnel`); None: never.
     pub idle_timeout: Option<Duration>,
+    /// Sockmap mode: a pair is relayed in userspace this long before the kernel takes it, so
+    /// pairs that close sooner never pay for the sockmap set-up; None: at once.
+    pub offload_after: Option<Duration>,
 }
 
 impl ServerSettings {
@@ -68,6 +77,7 @@ impl Default for ServerSettings {
             max_headers: 100,
             kernel_tls: false,
             idle_timeout: None,
+            offload_after: Some(DEFAULT_OFFLOAD_AFTER),
         }
     }
 }
@@ -367,6 +377,7 @@ struct RawServer {
     max_headers: Option<Spanned<i64>>,
     kernel_tls: Option<bool>,
     idle_timeout: Option<Spanned<String>>,
+    offload_after: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -743,6 +754,19 @@ impl Checker<'_> {
                 Err(error) => self.error(
                     text.span(),
                     format!("idle_timeout {:?}: {error} (e.g. \"5m\")", text.get_ref()),
+                ),
+            }
+        }
+        if let Some(text) = raw.offload_after {
+            match humantime::parse_duration(text.get_ref()) {
+                // "0s": the kernel takes every pair at once.
+                Ok(duration) if duration <= MAX_OFFLOAD_AFTER => {
+                    settings.offload_after = (!duration.is_zero()).then_some(duration)
+                }
+                Ok(_) => self.error(text.span(), "offload_after must be at most 1m"),
+                Err(error) => self.error(
+                    text.span(),
+                    format!("offload_after {:?}: {error} (e.g. \"1s\")", text.get_ref()),
                 ),
             }
         }
@@ -1367,6 +1391,29 @@ status = "+H"
             errors.to_string().contains("no member has a route"),
             "{errors}"
         );
+    }
+
+    #[test]
+    fn offload_after_is_read_and_bounded() {
+        let base = "[[listener]]\naddress = \"127.0.0.1:0\"\n[[cluster]]\nname = \"c\"\n\
+                    [[cluster.member]]\nurl = \"ws://127.0.0.1:1\"\n[[route]]\ncluster = \"c\"\n";
+        let with = |value: &str| format!("[server]\noffload_after = \"{value}\"\n{base}");
+        let parsed = |value: &str| parse("t.toml", &with(value)).map(|c| c.server.offload_after);
+        assert_eq!(
+            parse("t.toml", base).unwrap().server.offload_after,
+            Some(DEFAULT_OFFLOAD_AFTER)
+        );
+        assert_eq!(parsed("250ms").unwrap(), Some(Duration::from_millis(250)));
+        assert_eq!(
+            parsed("0s").unwrap(),
+            None,
+            "0s: the kernel takes pairs at once"
+        );
+        for bad in ["2m", "soon"] {
+            let errors = parsed(bad).unwrap_err();
+            assert_eq!(errors.0[0].line, 2, "{bad}: {errors}");
+            assert!(errors.to_string().contains("offload_after"), "{errors}");
+        }
     }
 
     #[test]

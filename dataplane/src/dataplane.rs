@@ -53,6 +53,8 @@ pub struct Dataplane {
     max_buffered: u64,
     handover_timeout: Duration,
     idle_timeout: Option<Duration>,
+    /// Sockmap mode relays a pair in userspace this long first (None: offload at once).
+    offload_after: Option<Duration>,
     /// The start-up line naming what carries ws<->ws pairs.
     pub announcement: String,
     /// The start-up line naming what carries pairs with a TLS leg.
@@ -88,16 +90,10 @@ impl Dataplane {
             DataplaneMode::Sockmap => {
                 let sockmap = Sockmap::load(max_pairs, settings.idle_timeout)
                     .map_err(|reason| format!("--dataplane sockmap: {reason}"))?;
-                (
-                    Some(sockmap),
-                    "dataplane: ws<->ws pairs: BPF sockmap redirection".to_string(),
-                )
+                (Some(sockmap), sockmap_announcement(settings.offload_after))
             }
             DataplaneMode::Auto => match Sockmap::load(max_pairs, settings.idle_timeout) {
-                Ok(sockmap) => (
-                    Some(sockmap),
-                    "dataplane: ws<->ws pairs: BPF sockmap redirection".to_string(),
-                ),
+                Ok(sockmap) => (Some(sockmap), sockmap_announcement(settings.offload_after)),
                 Err(reason) => (
                     None,
                     format!("dataplane: ws<->ws pairs: userspace relay, because {reason}"),
@@ -146,6 +142,7 @@ impl Dataplane {
             max_buffered: settings.max_buffered_per_direction,
             handover_timeout: settings.handshake_timeout,
             idle_timeout: settings.idle_timeout,
+            offload_after: settings.offload_after,
             announcement,
         })
     }
@@ -206,10 +203,28 @@ impl Dataplane {
                 if self.plain_carrier != Carrier::Splice =>
             {
                 let (client, member, lease) = match &self.sockmap {
-                    Some(sockmap) => match self.offload(sockmap, client, member, lease) {
-                        Ok(()) => return,
-                        Err(pair) => pair,
-                    },
+                    Some(sockmap) => {
+                        let (client, member, lease) = match self.offload_after {
+                            Some(after) => match relay::carry_on_trial(
+                                client,
+                                member,
+                                lease,
+                                &self.relay_stats,
+                                self.idle_timeout,
+                                after,
+                            )
+                            .await
+                            {
+                                Some(pair) => pair,
+                                None => return, // it ended in userspace
+                            },
+                            None => (client, member, lease),
+                        };
+                        match self.offload(sockmap, client, member, lease) {
+                            Ok(()) => return,
+                            Err(pair) => pair,
+                        }
+                    }
                     None => (client, member, lease),
                 };
                 relay::carry(client, member, lease, &self.relay_stats, self.idle_timeout).await
@@ -276,6 +291,17 @@ impl Dataplane {
                 }
             }
         })
+    }
+}
+
+/// The start-up line for sockmap mode, with how long a pair is relayed before offload.
+fn sockmap_announcement(offload_after: Option<Duration>) -> String {
+    match offload_after {
+        Some(after) => format!(
+            "dataplane: ws<->ws pairs: BPF sockmap redirection, after {after:?} in userspace \
+             (offload_after)"
+        ),
+        None => "dataplane: ws<->ws pairs: BPF sockmap redirection".to_string(),
     }
 }
 

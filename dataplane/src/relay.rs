@@ -1,6 +1,7 @@
 //! Userspace relay: carries a pair when the kernel cannot (no BPF, `--dataplane userspace`, a
 //! pair that was already closing at hand-over, or a TLS leg without kernel TLS, where rustls
-//! encrypts and decrypts here). Half-close is propagated in order: a side's FIN (TLS:
+//! encrypts and decrypts here), and a plain pair's first `offload_after` before the sockmap
+//! takes it. Half-close is propagated in order: a side's FIN (TLS:
 //! close_notify and FIN) is passed on only after its last byte.
 
 use std::io;
@@ -9,6 +10,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 use crate::balancer::Lease;
 
@@ -155,4 +158,122 @@ where
     lease.record_traffic(client.read + member.read);
     drop(lease);
     result
+}
+
+/// Bytes one direction reads at once while a pair is on trial.
+const TRIAL_CHUNK: usize = 16 * 1024;
+
+/// How one direction of a trial ended.
+enum TrialEnd {
+    /// `offload_after` passed between two reads: nothing read is left unwritten.
+    Lived,
+    /// The other direction ended first: stopped between two reads the same way.
+    Stopped,
+    /// Its source sent its FIN (not passed on: the relay that carries the pair on reads it
+    /// again) or failed.
+    Ended,
+}
+
+/// Relays a pair in userspace for its first `offload_after`: a WebSocket that lives that long
+/// with both sides open comes back for the kernel, with no byte left in userspace; one that
+/// closes sooner (a reconnect storm, a health check) is carried to its end here and never
+/// costs a sockmap set-up. Buffers are taken only when bytes arrive.
+pub async fn carry_on_trial(
+    client: TcpStream,
+    member: TcpStream,
+    lease: Lease,
+    stats: &RelayStats,
+    idle_timeout: Option<std::time::Duration>,
+    offload_after: std::time::Duration,
+) -> Option<(TcpStream, TcpStream, Lease)> {
+    let until = tokio::time::Instant::now() + offload_after;
+    let (ended, _) = tokio::sync::watch::channel(false);
+    let (mut client_read, mut client_write) = client.into_split();
+    let (mut member_read, mut member_write) = member.into_split();
+    let both_ways = async {
+        tokio::join!(
+            trial_direction(&mut client_read, &mut member_write, until, &ended, stats),
+            trial_direction(&mut member_read, &mut client_write, until, &ended, stats),
+        )
+    };
+    let evicted = async {
+        if !lease.evictable() {
+            return std::future::pending().await;
+        }
+        while !lease.evicted() {
+            tokio::time::sleep(EVICTION_CHECK).await;
+        }
+    };
+    let ends = tokio::select! {
+        ends = both_ways => Some(ends),
+        () = evicted => None,
+    };
+    let (Ok(mut client), Ok(mut member)) = (
+        client_read.reunite(client_write),
+        member_read.reunite(member_write),
+    ) else {
+        unreachable!("each pair of halves comes from one stream")
+    };
+    let Some(((up_end, up), (down_end, down))) = ends else {
+        tracing::debug!("relayed pair ended: its member was marked down");
+        let _ = client.shutdown().await;
+        let _ = member.shutdown().await;
+        return None;
+    };
+    lease.record_traffic(up + down);
+    if matches!((up_end, down_end), (TrialEnd::Lived, TrialEnd::Lived)) {
+        return Some((client, member, lease));
+    }
+    if let Err(error) = carry(client, member, lease, stats, idle_timeout).await {
+        tracing::debug!("relayed pair ended with {error}");
+    }
+    None
+}
+
+/// One direction of a trial; returns how it ended and the bytes it moved.
+async fn trial_direction(
+    source: &mut OwnedReadHalf,
+    destination: &mut OwnedWriteHalf,
+    until: tokio::time::Instant,
+    ended: &tokio::sync::watch::Sender<bool>,
+    stats: &RelayStats,
+) -> (TrialEnd, u64) {
+    let mut other_ended = ended.subscribe();
+    let mut buffer = Vec::new();
+    let mut moved = 0;
+    loop {
+        if *other_ended.borrow_and_update() {
+            return (TrialEnd::Stopped, moved);
+        }
+        tokio::select! {
+            biased;
+            () = tokio::time::sleep_until(until) => return (TrialEnd::Lived, moved),
+            _ = other_ended.changed() => continue,
+            ready = source.readable() => if ready.is_err() {
+                ended.send_replace(true);
+                return (TrialEnd::Ended, moved);
+            },
+        }
+        if buffer.is_empty() {
+            buffer.resize(TRIAL_CHUNK, 0);
+        }
+        let read = match source.try_read(&mut buffer) {
+            Ok(0) => None,
+            Ok(read) => Some(read),
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(_) => None,
+        };
+        let Some(read) = read else {
+            ended.send_replace(true);
+            return (TrialEnd::Ended, moved);
+        };
+        stats
+            .relayed_bytes
+            .fetch_add(read as u64, Ordering::Relaxed);
+        if destination.write_all(&buffer[..read]).await.is_err() {
+            ended.send_replace(true);
+            return (TrialEnd::Ended, moved);
+        }
+        moved += read as u64;
+    }
 }

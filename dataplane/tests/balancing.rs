@@ -21,6 +21,16 @@ fn proxy(cluster: &str, members: &[String]) -> ServerHandle {
 }
 
 fn proxy_in(mode: DataplaneMode, cluster: &str, members: &[String]) -> ServerHandle {
+    proxy_in_with(mode, cluster, members, |_| {})
+}
+
+/// `proxy_in`, with `edit` applied to the [server] settings.
+fn proxy_in_with(
+    mode: DataplaneMode,
+    cluster: &str,
+    members: &[String],
+    edit: impl FnOnce(&mut wsplice::config::ServerSettings),
+) -> ServerHandle {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
@@ -35,6 +45,7 @@ fn proxy_in(mode: DataplaneMode, cluster: &str, members: &[String]) -> ServerHan
     let mut config = wsplice::config::parse("balancing.toml", &text).unwrap();
     config.server.workers = 2;
     config.server.dataplane = mode;
+    edit(&mut config.server);
     wsplice::server::start(config).unwrap()
 }
 
@@ -372,17 +383,19 @@ fn a_killed_member_is_routed_around_and_gets_traffic_again_when_it_returns() {
 /// its tunnels are closed, without it they stay.
 #[test]
 fn shutdown_sessions_closes_the_tunnels_of_a_member_marked_down() {
-    shutdown_sessions_in(DataplaneMode::Userspace);
-    shutdown_sessions_in(DataplaneMode::Splice);
+    shutdown_sessions_in(DataplaneMode::Userspace, None);
+    shutdown_sessions_in(DataplaneMode::Splice, None);
 }
 
+/// Tunnels already in the kernel, and tunnels still in their userspace trial.
 #[test]
 #[ignore = "needs root and BPF: run with `cargo xtask test`"]
 fn shutdown_sessions_closes_offloaded_tunnels_of_a_member_marked_down() {
-    shutdown_sessions_in(DataplaneMode::Sockmap);
+    shutdown_sessions_in(DataplaneMode::Sockmap, None);
+    shutdown_sessions_in(DataplaneMode::Sockmap, Some(Duration::from_secs(30)));
 }
 
-fn shutdown_sessions_in(mode: DataplaneMode) {
+fn shutdown_sessions_in(mode: DataplaneMode, offload_after: Option<Duration>) {
     for shutdown in [true, false] {
         let members = start_members(1);
         let gate = Gate::open(members[0].address);
@@ -390,7 +403,12 @@ fn shutdown_sessions_in(mode: DataplaneMode) {
             "health = {{ check = \"tcp\", interval = \"100ms\", timeout = \"500ms\", rise = 1, \
              fall = 2, shutdown_sessions = {shutdown} }}"
         );
-        let proxy = proxy_in(mode, &health, &[format!("url = \"ws://{}\"", gate.address)]);
+        let proxy = proxy_in_with(
+            mode,
+            &health,
+            &[format!("url = \"ws://{}\"", gate.address)],
+            |settings| settings.offload_after = offload_after,
+        );
         let balancer = &proxy.shared.router.clusters[0].balancer;
         let held: Vec<Held> = (1..=4)
             .map(|id| Held::open(proxy.addresses[0], id))
@@ -400,7 +418,15 @@ fn shutdown_sessions_in(mode: DataplaneMode) {
             wsplice::balancer::lock(balancer).is_down(0)
         }));
         let closed = wait_until(Duration::from_secs(3), || held.iter().all(Held::ended));
-        assert_eq!(closed, shutdown, "{mode:?}: shutdown_sessions = {shutdown}");
+        assert_eq!(
+            closed, shutdown,
+            "{mode:?} (offload_after {offload_after:?}): shutdown_sessions = {shutdown}"
+        );
+        if let Some(sockmap) = proxy.shared.dataplane.sockmap() {
+            let offloaded = sockmap.stats.pairs_offloaded.load(Ordering::Relaxed);
+            let expected = if offload_after.is_none() { 4 } else { 0 };
+            assert_eq!(offloaded, expected, "tunnels the kernel took");
+        }
         drop(held);
         proxy.stop();
     }

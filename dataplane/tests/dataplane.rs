@@ -327,6 +327,62 @@ fn least_conn_refills_the_member_that_emptied(mode: DataplaneMode) {
     proxy.stop();
 }
 
+/// `offload_after`: a pair is relayed in userspace first. Pairs that close sooner never reach
+/// the kernel; pairs that live longer are handed to it between two reads, with bytes queued
+/// (their members read slowly across the hand-over); and with a trial of 2 ms,
+/// hand-overs race thousands of closes and half-closes. Every byte is checked each way.
+#[test]
+#[ignore = "needs root and BPF: run with `cargo xtask test`"]
+fn pairs_move_to_the_kernel_after_their_userspace_trial() {
+    let members = start_members(3);
+    let trial = Duration::from_secs(1);
+    let proxy = start_proxy_with(DataplaneMode::Sockmap, &members, "byrequests", |server| {
+        server.offload_after = Some(trial)
+    });
+    let sockmap = proxy.shared.dataplane.sockmap().unwrap();
+    let offloaded = || sockmap.stats.pairs_offloaded.load(Ordering::SeqCst);
+    run_and_check(&proxy, &members, race_plans(0x7141, 1000), 32);
+    assert_eq!(
+        offloaded(),
+        0,
+        "pairs that closed within {trial:?} reached the kernel"
+    );
+    let plans = (0..16)
+        .map(|id| {
+            // 16 MiB up, more than every socket buffer on the way holds while the member reads
+            // slowly for 1.5 s: bytes queue in the proxy's sockets across the hand-over. The
+            // client ends after 1.5 s at the earliest; the member answers after that end,
+            // through the kernel.
+            let mut plan = ClientPlan::simple(10_000 + id, 16 << 20, 2 << 20);
+            plan.slow_member = Some(Duration::from_millis(1500));
+            plan.pause_before_close = Duration::from_millis(1500);
+            plan.down_after_eof = true;
+            plan
+        })
+        .collect();
+    run_and_check(&proxy, &members, plans, 16);
+    assert_eq!(offloaded(), 16, "pairs that lived past {trial:?}");
+    assert!(
+        sockmap.stats.bytes_redirected.load(Ordering::SeqCst) > 0,
+        "the kernel carried nothing after the hand-over"
+    );
+    assert_no_state_left(&proxy);
+    proxy.stop();
+
+    // Fresh members: their reports are keyed by connection id, and the races reuse ids.
+    let members = start_members(3);
+    let proxy = start_proxy_with(DataplaneMode::Sockmap, &members, "byrequests", |server| {
+        server.offload_after = Some(Duration::from_millis(2))
+    });
+    run_and_check(&proxy, &members, race_plans(0x2, 3000), 32);
+    let sockmap = proxy.shared.dataplane.sockmap().unwrap();
+    let raced = sockmap.stats.pairs_offloaded.load(Ordering::SeqCst);
+    eprintln!("2 ms trial: {raced} of 3000 racing pairs reached the kernel");
+    assert!(raced > 0, "no hand-over raced a close");
+    assert_no_state_left(&proxy);
+    proxy.stop();
+}
+
 #[test]
 #[ignore = "needs root and BPF: run with `cargo xtask test`"]
 fn auto_mode_offloads_only_on_proven_kernels() {
