@@ -349,6 +349,23 @@ impl Carrier {
             {
                 direction.step = Step::AwaitReadable;
             }
+            // A KeyUpdate the destination's peer asked for goes out before the next data.
+            if direction.step == Step::Drain
+                && let Some(keys) = pair.legs[1 - index].kernel_tls.as_mut()
+                && keys.answer_owed()
+            {
+                match keys.answer_key_update(pair.legs[1 - index].socket.as_fd()) {
+                    Ok(()) => {}
+                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                        direction.step = Step::AwaitWritable;
+                        continue;
+                    }
+                    Err(error) => {
+                        self.fail(slot, &format!("answering a key update: {error}"));
+                        return;
+                    }
+                }
+            }
             let source = pair.legs[index].socket.as_fd();
             let destination = &pair.legs[1 - index];
             let tag = tag(slot, index);

@@ -375,49 +375,49 @@ pub fn install_secrets(
 /// A TLS handshake message type (RFC 8446 B.3).
 const KEY_UPDATE: u8 = 24;
 const TLS_HANDSHAKE: u8 = 22;
-/// How long answering a peer's key update may wait for room in the socket.
-const KEY_UPDATE_SEND_LIMIT: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// What stays of rustls once kernel TLS carries a connection: its key schedule, so the
-/// peer's TLS 1.3 key updates can be followed (rustls's `kernel` module).
-pub enum KernelKeys {
+/// rustls's key schedule for one connection, server or client side.
+enum KeySchedule {
     Server(Box<KernelConnection<ServerConnectionData>>),
     Client(Box<KernelConnection<ClientConnectionData>>),
 }
 
+/// What stays of rustls once kernel TLS carries a connection: its key schedule, so the
+/// peer's TLS 1.3 key updates can be followed (rustls's `kernel` module), and whether the
+/// peer asked for wsplice's own update, which must go out before its next data record.
+pub struct KernelKeys {
+    schedule: KeySchedule,
+    answer_owed: bool,
+}
+
 impl fmt::Debug for KernelKeys {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            KernelKeys::Server(_) => "KernelKeys::Server",
-            KernelKeys::Client(_) => "KernelKeys::Client",
-        })
+        f.debug_struct("KernelKeys")
+            .field("answer_owed", &self.answer_owed)
+            .finish_non_exhaustive()
     }
 }
 
 impl KernelKeys {
-    fn version(&self) -> rustls::ProtocolVersion {
-        match self {
-            KernelKeys::Server(keys) => keys.protocol_version(),
-            KernelKeys::Client(keys) => keys.protocol_version(),
-        }
-    }
-
     fn next_secret(&mut self, transmit: bool) -> Result<crate::sys::KtlsDirection, String> {
-        let version = self.version();
-        let next = match (self, transmit) {
-            (KernelKeys::Server(keys), true) => keys.update_tx_secret(),
-            (KernelKeys::Server(keys), false) => keys.update_rx_secret(),
-            (KernelKeys::Client(keys), true) => keys.update_tx_secret(),
-            (KernelKeys::Client(keys), false) => keys.update_rx_secret(),
-        }
-        .map_err(|error| format!("no next traffic secret: {error}"))?;
+        let (version, next) = match (&mut self.schedule, transmit) {
+            (KeySchedule::Server(keys), true) => (keys.protocol_version(), keys.update_tx_secret()),
+            (KeySchedule::Server(keys), false) => {
+                (keys.protocol_version(), keys.update_rx_secret())
+            }
+            (KeySchedule::Client(keys), true) => (keys.protocol_version(), keys.update_tx_secret()),
+            (KeySchedule::Client(keys), false) => {
+                (keys.protocol_version(), keys.update_rx_secret())
+            }
+        };
+        let next = next.map_err(|error| format!("no next traffic secret: {error}"))?;
         ktls_direction(version, next)
     }
 
     /// Follows a handshake record the peer sent after kernel TLS took over, which must be one
-    /// TLS 1.3 KeyUpdate (a key change ends a record): the kernel gets the next receive key,
-    /// and when the peer asked for it, wsplice's own KeyUpdate goes out under the old transmit
-    /// key before the kernel gets the next one.
+    /// TLS 1.3 KeyUpdate (a key change ends a record): the kernel gets the next receive key.
+    /// When the peer asked for wsplice's own update, it is sent now if the socket has room,
+    /// else it is owed (`answer_key_update` before the next write).
     pub fn follow_key_update(&mut self, socket: BorrowedFd, record: &[u8]) -> Result<(), String> {
         let &[KEY_UPDATE, 0, 0, 1, request] = record else {
             return Err(format!(
@@ -436,26 +436,31 @@ impl KernelKeys {
                  updates under kernel TLS needs Linux 6.14 or newer"
             )
         })?;
-        if request == 1 {
-            const NOT_REQUESTED: [u8; 5] = [KEY_UPDATE, 0, 0, 1, 0];
-            loop {
-                match crate::sys::ktls_send_control(socket, TLS_HANDSHAKE, &NOT_REQUESTED) {
-                    Ok(()) => break,
-                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                        if !crate::sys::wait_writable(socket, KEY_UPDATE_SEND_LIMIT)
-                            .map_err(|error| error.to_string())?
-                        {
-                            return Err("no room to answer a KeyUpdate within 1 s".into());
-                        }
-                    }
-                    Err(error) => return Err(format!("answering a KeyUpdate: {error}")),
-                }
+        self.answer_owed |= request == 1;
+        match self.answer_key_update(socket) {
+            Err(error) if error.kind() != io::ErrorKind::WouldBlock => {
+                Err(format!("answering a KeyUpdate: {error}"))
             }
-            let transmit = self.next_secret(true)?;
-            crate::sys::ktls_set(socket, true, &transmit)
-                .map_err(|error| format!("a new transmit key: {error}"))?;
+            _ => Ok(()),
         }
-        Ok(())
+    }
+
+    /// Whether wsplice's own KeyUpdate must go out before its next data record.
+    pub fn answer_owed(&self) -> bool {
+        self.answer_owed
+    }
+
+    /// Sends an owed KeyUpdate (not requesting one back) under the current transmit key, then
+    /// gives the kernel the next one. Never blocks: WouldBlock when the socket has no room.
+    pub fn answer_key_update(&mut self, socket: BorrowedFd) -> io::Result<()> {
+        if !self.answer_owed {
+            return Ok(());
+        }
+        const NOT_REQUESTED: [u8; 5] = [KEY_UPDATE, 0, 0, 1, 0];
+        crate::sys::ktls_send_control(socket, TLS_HANDSHAKE, &NOT_REQUESTED)?;
+        self.answer_owed = false;
+        let transmit = self.next_secret(true).map_err(io::Error::other)?;
+        crate::sys::ktls_set(socket, true, &transmit)
     }
 }
 
@@ -464,11 +469,14 @@ impl KernelKeys {
 fn into_kernel<Data>(
     socket: BorrowedFd,
     handed: Result<(rustls::ExtractedSecrets, KernelConnection<Data>), rustls::Error>,
-    keys: impl FnOnce(KernelConnection<Data>) -> KernelKeys,
+    schedule: impl FnOnce(KernelConnection<Data>) -> KeySchedule,
 ) -> io::Result<KernelKeys> {
     let (secrets, connection) = handed.map_err(io::Error::other)?;
     install_secrets(socket, connection.protocol_version(), secrets)?;
-    Ok(keys(connection))
+    Ok(KernelKeys {
+        schedule: schedule(connection),
+        answer_owed: false,
+    })
 }
 
 /// Moves a finished server handshake into kernel TLS on `socket` (the tls ULP attached).
@@ -479,7 +487,7 @@ pub fn server_into_kernel(
     into_kernel(
         socket,
         connection.dangerous_into_kernel_connection(),
-        |keys| KernelKeys::Server(Box::new(keys)),
+        |keys| KeySchedule::Server(Box::new(keys)),
     )
 }
 
@@ -641,7 +649,7 @@ pub async fn connect_kernel_tls(
     let keys = into_kernel(
         socket.as_fd(),
         connection.dangerous_into_kernel_connection(),
-        |keys| KernelKeys::Client(Box::new(keys)),
+        |keys| KeySchedule::Client(Box::new(keys)),
     )?;
     Ok(KtlsStream {
         socket,
@@ -791,7 +799,21 @@ impl AsyncWrite for KtlsStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().socket).poll_write(cx, buf)
+        use std::os::fd::AsFd;
+        let this = self.get_mut();
+        // A KeyUpdate the peer asked for goes out before the next data record.
+        while this.keys.answer_owed() {
+            std::task::ready!(this.socket.poll_write_ready(cx))?;
+            let (socket, keys) = (&this.socket, &mut this.keys);
+            match socket.try_io(tokio::io::Interest::WRITABLE, || {
+                keys.answer_key_update(socket.as_fd())
+            }) {
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(error) => return Poll::Ready(Err(error)),
+                Ok(()) => {}
+            }
+        }
+        Pin::new(&mut this.socket).poll_write(cx, buf)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -362,23 +362,6 @@ pub fn ktls_send_control(fd: BorrowedFd, record_type: u8, payload: &[u8]) -> io:
     }
 }
 
-/// Waits up to `limit` for room to write on `fd`; false when none came.
-pub fn wait_writable(fd: BorrowedFd, limit: std::time::Duration) -> io::Result<bool> {
-    let mut entry = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLOUT,
-        revents: 0,
-    };
-    let millis = limit.as_millis().min(i32::MAX as u128) as i32;
-    // SAFETY: one live pollfd, and its count is 1.
-    let ready = unsafe { libc::poll(&mut entry, 1, millis) };
-    if ready < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ready > 0)
-    }
-}
-
 /// The socket's upper layer protocol ("tls" once kernel TLS is attached, "" for none).
 pub fn tcp_ulp(fd: BorrowedFd) -> io::Result<String> {
     let mut name = [0u8; 16];
