@@ -134,21 +134,13 @@ where
             tokio::time::sleep_until(last + limit).await;
         }
     };
-    let evicted = async {
-        if !lease.evictable() {
-            return std::future::pending().await;
-        }
-        while !lease.evicted() {
-            tokio::time::sleep(EVICTION_CHECK).await;
-        }
-    };
     let result = tokio::select! {
         result = copied => result,
         limit = idle => {
             stats.idle_closed.fetch_add(1, Ordering::Relaxed);
             Err(io::Error::new(io::ErrorKind::TimedOut, format!("idle for {limit:?}")))
         }
-        () = evicted => Err(io::Error::other("its member was marked down")),
+        () = marked_down(&lease) => Err(io::Error::other("its member was marked down")),
     };
     if result.is_err() {
         // One side failed: end the other now instead of leaving it half open.
@@ -158,6 +150,17 @@ where
     lease.record_traffic(client.read + member.read);
     drop(lease);
     result
+}
+
+/// Resolves once the tunnel's member is marked down with `shutdown_sessions` (never where
+/// nobody evicts).
+async fn marked_down(lease: &Lease) {
+    if !lease.evictable() {
+        return std::future::pending().await;
+    }
+    while !lease.evicted() {
+        tokio::time::sleep(EVICTION_CHECK).await;
+    }
 }
 
 /// Bytes one direction reads at once while a pair is on trial.
@@ -170,8 +173,10 @@ enum TrialEnd {
     /// The other direction ended first: stopped between two reads the same way.
     Stopped,
     /// Its source sent its FIN (not passed on: the relay that carries the pair on reads it
-    /// again) or failed.
+    /// again).
     Ended,
+    /// A read or a write failed (a reset): the pair is closed, as the relay would.
+    Failed,
 }
 
 /// Relays a pair in userspace for its first `offload_after`: a WebSocket that lives that long
@@ -196,17 +201,9 @@ pub async fn carry_on_trial(
             trial_direction(&mut member_read, &mut client_write, until, &ended, stats),
         )
     };
-    let evicted = async {
-        if !lease.evictable() {
-            return std::future::pending().await;
-        }
-        while !lease.evicted() {
-            tokio::time::sleep(EVICTION_CHECK).await;
-        }
-    };
     let ends = tokio::select! {
         ends = both_ways => Some(ends),
-        () = evicted => None,
+        () = marked_down(&lease) => None,
     };
     let (Ok(mut client), Ok(mut member)) = (
         client_read.reunite(client_write),
@@ -221,8 +218,15 @@ pub async fn carry_on_trial(
         return None;
     };
     lease.record_traffic(up + down);
-    if matches!((up_end, down_end), (TrialEnd::Lived, TrialEnd::Lived)) {
-        return Some((client, member, lease));
+    match (up_end, down_end) {
+        (TrialEnd::Lived, TrialEnd::Lived) => return Some((client, member, lease)),
+        (TrialEnd::Failed, _) | (_, TrialEnd::Failed) => {
+            tracing::debug!("relayed pair ended with a failed read or write");
+            let _ = client.shutdown().await;
+            let _ = member.shutdown().await;
+            return None;
+        }
+        _ => {}
     }
     if let Err(error) = carry(client, member, lease, stats, idle_timeout).await {
         tracing::debug!("relayed pair ended with {error}");
@@ -251,29 +255,28 @@ async fn trial_direction(
             _ = other_ended.changed() => continue,
             ready = source.readable() => if ready.is_err() {
                 ended.send_replace(true);
-                return (TrialEnd::Ended, moved);
+                return (TrialEnd::Failed, moved);
             },
         }
         if buffer.is_empty() {
             buffer.resize(TRIAL_CHUNK, 0);
         }
-        let read = match source.try_read(&mut buffer) {
-            Ok(0) => None,
-            Ok(read) => Some(read),
+        let end = match source.try_read(&mut buffer) {
+            Ok(0) => TrialEnd::Ended,
+            Ok(read) => {
+                stats
+                    .relayed_bytes
+                    .fetch_add(read as u64, Ordering::Relaxed);
+                if destination.write_all(&buffer[..read]).await.is_ok() {
+                    moved += read as u64;
+                    continue;
+                }
+                TrialEnd::Failed
+            }
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(_) => None,
+            Err(_) => TrialEnd::Failed,
         };
-        let Some(read) = read else {
-            ended.send_replace(true);
-            return (TrialEnd::Ended, moved);
-        };
-        stats
-            .relayed_bytes
-            .fetch_add(read as u64, Ordering::Relaxed);
-        if destination.write_all(&buffer[..read]).await.is_err() {
-            ended.send_replace(true);
-            return (TrialEnd::Ended, moved);
-        }
-        moved += read as u64;
+        ended.send_replace(true);
+        return (end, moved);
     }
 }

@@ -226,6 +226,12 @@ fn an_idle_tunnel_is_closed_and_an_active_one_is_not(mode: DataplaneMode) {
 fn a_reset_on_either_side_closes_the_other_and_leaves_no_state(mode: DataplaneMode) {
     let members = start_members(1);
     let proxy = start_proxy(mode, &members, "byrequests", None);
+    resets_close_the_other_side(&proxy, &members);
+    proxy.stop();
+}
+
+/// 50 held pairs through `proxy` to `members[0]`, each ended by a reset from one side.
+fn resets_close_the_other_side(proxy: &ServerHandle, members: &[Member]) {
     for round in 0..50u64 {
         let held = Held::open(proxy.addresses[0], round);
         assert!(wait_until(Duration::from_secs(5), || members[0]
@@ -256,8 +262,7 @@ fn a_reset_on_either_side_closes_the_other_and_leaves_no_state(mode: DataplaneMo
                 == 0));
         }
     }
-    assert_no_state_left(&proxy);
-    proxy.stop();
+    assert_no_state_left(proxy);
 }
 
 /// Opens `count` held connections (each stays open until either side ends it).
@@ -330,7 +335,8 @@ fn least_conn_refills_the_member_that_emptied(mode: DataplaneMode) {
 /// `offload_after`: a pair is relayed in userspace first. Pairs that close sooner never reach
 /// the kernel; pairs that live longer are handed to it between two reads, with bytes queued
 /// (their members read slowly across the hand-over); and with a trial of 2 ms,
-/// hand-overs race thousands of closes and half-closes. Every byte is checked each way.
+/// hand-overs race thousands of closes and half-closes. Every byte is checked each way; a
+/// reset during the trial closes the other side.
 #[test]
 #[ignore = "needs root and BPF: run with `cargo xtask test`"]
 fn pairs_move_to_the_kernel_after_their_userspace_trial() {
@@ -380,6 +386,16 @@ fn pairs_move_to_the_kernel_after_their_userspace_trial() {
     eprintln!("2 ms trial: {raced} of 3000 racing pairs reached the kernel");
     assert!(raced > 0, "no hand-over raced a close");
     assert_no_state_left(&proxy);
+    proxy.stop();
+
+    // Resets during the trial close the other side, as in the kernel.
+    let members = start_members(1);
+    let proxy = start_proxy_with(DataplaneMode::Sockmap, &members, "byrequests", |server| {
+        server.offload_after = Some(Duration::from_secs(60))
+    });
+    resets_close_the_other_side(&proxy, &members);
+    let sockmap = proxy.shared.dataplane.sockmap().unwrap();
+    assert_eq!(sockmap.stats.pairs_offloaded.load(Ordering::SeqCst), 0);
     proxy.stop();
 }
 
