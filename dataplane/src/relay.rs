@@ -182,7 +182,7 @@ enum TrialEnd {
 /// Relays a pair in userspace for its first `offload_after`: a WebSocket that lives that long
 /// with both sides open comes back for the kernel, with no byte left in userspace; one that
 /// closes sooner (a reconnect storm, a health check) is carried to its end here and never
-/// costs a sockmap set-up. Buffers are taken only when bytes arrive.
+/// costs a sockmap set-up. A pair holds a buffer only while its destination is behind.
 pub async fn carry_on_trial(
     client: TcpStream,
     member: TcpStream,
@@ -234,6 +234,21 @@ pub async fn carry_on_trial(
     None
 }
 
+thread_local! {
+    /// Where a trial direction reads: bytes the destination takes at once never need a buffer
+    /// of the pair's own, so a pair on trial holds none unless its destination is behind.
+    static TRIAL_SCRATCH: std::cell::RefCell<Vec<u8>> =
+        std::cell::RefCell::new(vec![0; TRIAL_CHUNK]);
+}
+
+/// What one read of a trial direction got.
+enum TrialRead {
+    /// Bytes read, and what the destination did not take at once.
+    Moved(usize, Vec<u8>),
+    Nothing,
+    End(TrialEnd),
+}
+
 /// One direction of a trial; returns how it ended and the bytes it moved.
 async fn trial_direction(
     source: &mut OwnedReadHalf,
@@ -243,9 +258,8 @@ async fn trial_direction(
     stats: &RelayStats,
 ) -> (TrialEnd, u64) {
     let mut other_ended = ended.subscribe();
-    let mut buffer = Vec::new();
     let mut moved = 0;
-    loop {
+    let end = loop {
         if *other_ended.borrow_and_update() {
             return (TrialEnd::Stopped, moved);
         }
@@ -254,29 +268,35 @@ async fn trial_direction(
             () = tokio::time::sleep_until(until) => return (TrialEnd::Lived, moved),
             _ = other_ended.changed() => continue,
             ready = source.readable() => if ready.is_err() {
-                ended.send_replace(true);
-                return (TrialEnd::Failed, moved);
+                break TrialEnd::Failed;
             },
         }
-        if buffer.is_empty() {
-            buffer.resize(TRIAL_CHUNK, 0);
-        }
-        let end = match source.try_read(&mut buffer) {
-            Ok(0) => TrialEnd::Ended,
-            Ok(read) => {
+        let read = TRIAL_SCRATCH.with_borrow_mut(|scratch| match source.try_read(scratch) {
+            Ok(0) => TrialRead::End(TrialEnd::Ended),
+            Ok(read) => match destination.try_write(&scratch[..read]) {
+                Ok(written) => TrialRead::Moved(read, scratch[written..read].to_vec()),
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                    TrialRead::Moved(read, scratch[..read].to_vec())
+                }
+                Err(_) => TrialRead::End(TrialEnd::Failed),
+            },
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => TrialRead::Nothing,
+            Err(_) => TrialRead::End(TrialEnd::Failed),
+        });
+        match read {
+            TrialRead::Nothing => continue,
+            TrialRead::End(end) => break end,
+            TrialRead::Moved(read, rest) => {
                 stats
                     .relayed_bytes
                     .fetch_add(read as u64, Ordering::Relaxed);
-                if destination.write_all(&buffer[..read]).await.is_ok() {
-                    moved += read as u64;
-                    continue;
+                if !rest.is_empty() && destination.write_all(&rest).await.is_err() {
+                    break TrialEnd::Failed;
                 }
-                TrialEnd::Failed
+                moved += read as u64;
             }
-            Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(_) => TrialEnd::Failed,
-        };
-        ended.send_replace(true);
-        return (end, moved);
-    }
+        }
+    };
+    ended.send_replace(true);
+    (end, moved)
 }
