@@ -14,10 +14,10 @@ use toml::Spanned;
 
 /// Default bound on bytes held per connection per direction (kernel + wsplice).
 pub const DEFAULT_MAX_BUFFERED: u64 = 4 << 20;
-/// Sockmap mode relays a pair in userspace for its first second: reconnect storms and health
-/// checks close sooner and never pay for the kernel set-up; a WebSocket that stays is
-/// offloaded for the rest of its life.
-pub const DEFAULT_OFFLOAD_AFTER: Duration = Duration::from_secs(1);
+/// Sockmap mode relays a pair in userspace for its first quarter second: health checks and
+/// connections that leave at once close sooner and never pay for the kernel set-up; a
+/// WebSocket that stays is offloaded for the rest of its life.
+pub const DEFAULT_OFFLOAD_AFTER: Duration = Duration::from_millis(250);
 /// A longer trial would keep long-lived pairs' bytes in userspace for nothing.
 const MAX_OFFLOAD_AFTER: Duration = Duration::from_secs(60);
 

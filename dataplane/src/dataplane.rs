@@ -198,6 +198,8 @@ impl Dataplane {
                 return;
             }
         }
+        // They slice the HTTP stage's read buffers: freed now, not held for the pair's life.
+        drop((client_early, member_early));
         let outcome = match (client, member) {
             (Stream::Plain(client), Stream::Plain(member))
                 if self.plain_carrier != Carrier::Splice =>
