@@ -339,7 +339,7 @@ fn least_conn_refills_the_member_that_emptied(mode: DataplaneMode) {
 /// reset during the trial closes the other side.
 #[test]
 #[ignore = "needs root and BPF: run with `cargo xtask test`"]
-fn pairs_move_to_the_kernel_after_their_userspace_trial() {
+fn pairs_move_to_the_kernel_after_their_trial() {
     let members = start_members(3);
     let trial = Duration::from_secs(1);
     let proxy = start_proxy_with(DataplaneMode::Sockmap, &members, "byrequests", |server| {

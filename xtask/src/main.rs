@@ -176,7 +176,7 @@ fn vm_tests() -> Result<()> {
             "set -e\ncd '{root}'\nexport WSPLICE_EXPECT_KERNEL_TLS=1\n'{ktls}' --ignored --test-threads=1 --color never --nocapture\n\
              '{tls}' --test-threads=1 --color never {quick_skip}\n\
              '{tls}' --ignored --test-threads=1 --color never --nocapture {heavy_skip}\n\
-             '{dataplane}' --ignored --test-threads=1 --color never auto_mode userspace splice\n",
+             '{dataplane}' --ignored --test-threads=1 --color never auto_mode ::userspace ::splice\n",
             root = workspace_root().display(),
             ktls = ktls.display(),
             tls = tls.display(),
