@@ -28,8 +28,6 @@ const INLINE_SPLICES: u32 = 32;
 const WAKE_TAG: u64 = u64::MAX;
 /// The largest TLS record's plaintext: room for any control record the peer sends.
 const MAX_RECORD_PLAINTEXT: usize = 1 << 14;
-const TLS_ALERT: u8 = 21;
-const TLS_HANDSHAKE: u8 = 22;
 const POLLIN: u32 = libc::POLLIN as u32;
 const POLLOUT: u32 = libc::POLLOUT as u32;
 const POLLRDHUP: u32 = libc::POLLRDHUP as u32;
@@ -632,7 +630,7 @@ fn read_control_record(
             blocking: false,
         }),
         Ok(sys::KtlsRecord::Control {
-            record_type: TLS_ALERT,
+            record_type: sys::TLS_RECORD_TYPE_ALERT,
             len,
         }) if len >= 2 && buffer[1] == 0 => {
             // close_notify: take it off the queue, then end this direction like a FIN.
@@ -642,7 +640,7 @@ fn read_control_record(
         }
         // A member's TLS 1.3 session tickets: taken off the queue, nothing to pass on.
         Ok(sys::KtlsRecord::Control {
-            record_type: TLS_HANDSHAKE,
+            record_type: sys::TLS_RECORD_TYPE_HANDSHAKE,
             len,
         }) if crate::tls::only_session_tickets(&buffer[..len]) => {
             sys::ktls_recv(fd, buffer, libc::MSG_DONTWAIT)
@@ -655,7 +653,7 @@ fn read_control_record(
         // A TLS 1.3 KeyUpdate: taken off the queue (the kernel holds what follows until it has
         // the next key), followed, and answered when asked.
         Ok(sys::KtlsRecord::Control {
-            record_type: TLS_HANDSHAKE,
+            record_type: sys::TLS_RECORD_TYPE_HANDSHAKE,
             len,
         }) => {
             sys::ktls_recv(fd, buffer, libc::MSG_DONTWAIT)

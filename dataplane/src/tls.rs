@@ -6,13 +6,12 @@
 
 use std::fmt;
 use std::io;
+use std::os::fd::BorrowedFd;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
 use std::time::SystemTime;
-
-use std::os::fd::BorrowedFd;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
@@ -374,7 +373,6 @@ pub fn install_secrets(
 
 /// A TLS handshake message type (RFC 8446 B.3).
 const KEY_UPDATE: u8 = 24;
-const TLS_HANDSHAKE: u8 = 22;
 
 /// rustls's key schedule for one connection, server or client side.
 enum KeySchedule {
@@ -457,7 +455,11 @@ impl KernelKeys {
             return Ok(());
         }
         const NOT_REQUESTED: [u8; 5] = [KEY_UPDATE, 0, 0, 1, 0];
-        crate::sys::ktls_send_control(socket, TLS_HANDSHAKE, &NOT_REQUESTED)?;
+        crate::sys::ktls_send_control(
+            socket,
+            crate::sys::TLS_RECORD_TYPE_HANDSHAKE,
+            &NOT_REQUESTED,
+        )?;
         self.answer_owed = false;
         let transmit = self.next_secret(true).map_err(io::Error::other)?;
         crate::sys::ktls_set(socket, true, &transmit)
@@ -759,7 +761,7 @@ impl AsyncRead for KtlsStream {
                     Ok(())
                 }
                 Ok(crate::sys::KtlsRecord::Control {
-                    record_type: 21,
+                    record_type: crate::sys::TLS_RECORD_TYPE_ALERT,
                     len,
                 }) if len >= 2 && unfilled[1] == 0 => {
                     this.closed_by_peer = true; // close_notify: EOF
@@ -767,11 +769,11 @@ impl AsyncRead for KtlsStream {
                 }
                 // A member's TLS 1.3 session tickets: nothing to pass on.
                 Ok(crate::sys::KtlsRecord::Control {
-                    record_type: 22,
+                    record_type: crate::sys::TLS_RECORD_TYPE_HANDSHAKE,
                     len,
                 }) if only_session_tickets(&unfilled[..len]) => continue,
                 Ok(crate::sys::KtlsRecord::Control {
-                    record_type: TLS_HANDSHAKE,
+                    record_type: crate::sys::TLS_RECORD_TYPE_HANDSHAKE,
                     len,
                 }) => match this
                     .keys

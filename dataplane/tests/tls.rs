@@ -227,12 +227,7 @@ fn every_suite_and_version_carries_every_byte() {
 
 /// Whether this kernel's TLS takes a new receive key (TLS 1.3 rekeying came in Linux 6.14).
 fn kernel_tls_follows_key_updates() -> bool {
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let mut numbers = release
-        .split(|c: char| !c.is_ascii_digit())
-        .filter_map(|part| part.parse::<u32>().ok());
-    let (major, minor) = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
-    (major, minor) >= (6, 14)
+    wsplice::offload::kernel_release() >= (6, 14)
 }
 
 /// A TLS 1.3 client that updates its keys mid-stream and asks wsplice to update its own; the

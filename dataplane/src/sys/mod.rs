@@ -283,6 +283,9 @@ fn message_header(iov: &mut libc::iovec, control: &mut [u64]) -> libc::msghdr {
     message.msg_controllen = size_of_val(control) as _;
     message
 }
+/// TLS record content types (RFC 8446 B.1).
+pub const TLS_RECORD_TYPE_ALERT: u8 = 21;
+pub const TLS_RECORD_TYPE_HANDSHAKE: u8 = 22;
 const TLS_RECORD_TYPE_APPLICATION_DATA: u8 = 23;
 
 /// Receives from a kernel TLS socket with room for the record type: a plain read fails with
@@ -326,10 +329,10 @@ const TLS_SET_RECORD_TYPE: i32 = 1;
 
 /// Sends a close_notify alert through kernel TLS (before shutting the write side down).
 pub fn ktls_send_close_notify(fd: BorrowedFd) -> io::Result<()> {
-    ktls_send_control(fd, 21, &[1, 0]) // alert: warning, close_notify
+    ktls_send_control(fd, TLS_RECORD_TYPE_ALERT, &[1, 0]) // warning, close_notify
 }
 
-/// Sends one record of `record_type` (21 alert, 22 handshake) through kernel TLS, without
+/// Sends one record of `record_type` (alert or handshake) through kernel TLS, without
 /// blocking; the kernel encrypts it with the current transmit key.
 pub fn ktls_send_control(fd: BorrowedFd, record_type: u8, payload: &[u8]) -> io::Result<()> {
     let mut iov = libc::iovec {
