@@ -211,22 +211,22 @@ pub async fn carry_on_trial(
     ) else {
         unreachable!("each pair of halves comes from one stream")
     };
-    let Some(((up_end, up), (down_end, down))) = ends else {
-        tracing::debug!("relayed pair ended: its member was marked down");
+    let closing = match ends {
+        None => Some("its member was marked down"),
+        Some(((up_end, up), (down_end, down))) => {
+            lease.record_traffic(up + down);
+            match (up_end, down_end) {
+                (TrialEnd::Lived, TrialEnd::Lived) => return Some((client, member, lease)),
+                (TrialEnd::Failed, _) | (_, TrialEnd::Failed) => Some("a read or write failed"),
+                _ => None,
+            }
+        }
+    };
+    if let Some(why) = closing {
+        tracing::debug!("relayed pair ended: {why}");
         let _ = client.shutdown().await;
         let _ = member.shutdown().await;
         return None;
-    };
-    lease.record_traffic(up + down);
-    match (up_end, down_end) {
-        (TrialEnd::Lived, TrialEnd::Lived) => return Some((client, member, lease)),
-        (TrialEnd::Failed, _) | (_, TrialEnd::Failed) => {
-            tracing::debug!("relayed pair ended with a failed read or write");
-            let _ = client.shutdown().await;
-            let _ = member.shutdown().await;
-            return None;
-        }
-        _ => {}
     }
     if let Err(error) = carry(client, member, lease, stats, idle_timeout).await {
         tracing::debug!("relayed pair ended with {error}");

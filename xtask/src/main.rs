@@ -126,6 +126,10 @@ fn test() -> Result<()> {
     vm_tests()
 }
 
+/// The quick TLS tests not run in the VM: the reload test signals itself with the kill
+/// binary; reloading does not depend on kernel TLS and is proven on the host.
+const SKIP_IN_VM: &str = "--skip certificates_reload";
+
 /// The executable cargo built for integration test `name` of the data-plane crate (release).
 fn release_test_binary(name: &str) -> Result<PathBuf> {
     let out = cargo()
@@ -181,9 +185,7 @@ fn vm_tests() -> Result<()> {
             ktls = ktls.display(),
             tls = tls.display(),
             dataplane = dataplane.display(),
-            // The reload test signals itself with the kill binary; reloading does not depend
-            // on kernel TLS and is proven on the host.
-            quick_skip = "--skip certificates_reload",
+            quick_skip = SKIP_IN_VM,
             // A client that closes at once can do so with the proxy's close_notify (sent when
             // the member half-closed) unread; its kernel then answers with a reset, which may
             // discard bytes still queued at the proxy. Under TCG's timing this happens (1 of
@@ -212,7 +214,7 @@ fn newer_kernel_tests(ktls: &Path, tls: &Path) -> Result<()> {
         &script,
         format!(
             "set -e\ncd '{root}'\nexport WSPLICE_EXPECT_KERNEL_TLS=1\n'{ktls}' --ignored --test-threads=1 --color never\n\
-             '{tls}' --test-threads=1 --color never --skip certificates_reload\n",
+             '{tls}' --test-threads=1 --color never {SKIP_IN_VM}\n",
             root = workspace_root().display(),
             ktls = ktls.display(),
             tls = tls.display(),
@@ -241,11 +243,7 @@ fn vm_script(extra: &[String]) -> Result<()> {
         .context("usage: cargo xtask vm [--newer-kernel] SCRIPT")?;
     vm::ensure_packages()?;
     let script = std::fs::canonicalize(script)?;
-    let kernel = if newer {
-        vm::newer_kernel()?
-    } else {
-        vm::installed_kernel()?
-    };
+    let kernel = vm::kernel(newer)?;
     let code = vm::run_script(&kernel, &script, std::time::Duration::from_secs(1800))?;
     if code != 0 {
         bail!("the script exited with {code} in the VM");
@@ -314,11 +312,7 @@ fn bench_in_vm(quick: bool, newer: bool) -> Result<()> {
             quick = if quick { " --quick" } else { "" },
         ),
     )?;
-    let kernel = if newer {
-        vm::newer_kernel()?
-    } else {
-        vm::installed_kernel()?
-    };
+    let kernel = vm::kernel(newer)?;
     let (code, lines) = vm::run_script_collecting(
         &kernel,
         &script,

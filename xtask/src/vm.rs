@@ -86,6 +86,15 @@ pub fn installed_kernel() -> Result<Kernel> {
     })
 }
 
+/// The installed kernel, or the newer one (`--newer-kernel`).
+pub fn kernel(newer: bool) -> Result<Kernel> {
+    if newer {
+        newer_kernel()
+    } else {
+        installed_kernel()
+    }
+}
+
 /// Where the newer kernel comes from: Debian's next release's backports, whose
 /// linux-image-amd64 follows upstream's recent stable kernels.
 const NEWER_KERNEL_SUITE: &str = "trixie-backports";
