@@ -34,7 +34,7 @@ where
 /// Counters for metrics and tests.
 #[derive(Debug, Default)]
 pub struct RelayStats {
-    /// Pairs relayed since start.
+    /// Pairs relayed since start, for all their life or for a trial.
     pub pairs: AtomicU64,
     /// Bytes read into userspace by the relay (each is written out once).
     pub relayed_bytes: AtomicU64,
@@ -105,6 +105,21 @@ where
     M: AsyncRead + AsyncWrite + Unpin,
 {
     stats.pairs.fetch_add(1, Ordering::Relaxed);
+    relay_until_closed(client, member, lease, stats, idle_timeout).await
+}
+
+/// [`carry`] for a pair already counted.
+async fn relay_until_closed<C, M>(
+    client: C,
+    member: M,
+    lease: Lease,
+    stats: &RelayStats,
+    idle_timeout: Option<std::time::Duration>,
+) -> io::Result<(u64, u64)>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    M: AsyncRead + AsyncWrite + Unpin,
+{
     let relayed = &stats.relayed_bytes;
     let (activity, start) = (AtomicU64::new(0), tokio::time::Instant::now());
     let mut client = Counted {
@@ -170,10 +185,9 @@ const TRIAL_CHUNK: usize = 16 * 1024;
 enum TrialEnd {
     /// `offload_after` passed between two reads: nothing read is left unwritten.
     Lived,
-    /// The other direction ended first: stopped between two reads the same way.
+    /// The other direction failed: stopped between two reads the same way.
     Stopped,
-    /// Its source sent its FIN (not passed on: the relay that carries the pair on reads it
-    /// again).
+    /// Its source sent its FIN, passed on after its last byte.
     Ended,
     /// A read or a write failed (a reset): the pair is closed, as the relay would.
     Failed,
@@ -191,14 +205,20 @@ pub async fn carry_on_trial(
     idle_timeout: Option<std::time::Duration>,
     offload_after: std::time::Duration,
 ) -> Option<(TcpStream, TcpStream, Lease)> {
+    stats.pairs.fetch_add(1, Ordering::Relaxed);
     let until = tokio::time::Instant::now() + offload_after;
-    let (ended, _) = tokio::sync::watch::channel(false);
+    let (failed, _) = tokio::sync::watch::channel(false);
+    let one_ended = std::sync::atomic::AtomicBool::new(false);
+    let ends = Ends {
+        failed: &failed,
+        one_ended: &one_ended,
+    };
     let (mut client_read, mut client_write) = client.into_split();
     let (mut member_read, mut member_write) = member.into_split();
     let both_ways = async {
         tokio::join!(
-            trial_direction(&mut client_read, &mut member_write, until, &ended, stats),
-            trial_direction(&mut member_read, &mut client_write, until, &ended, stats),
+            trial_direction(&mut client_read, &mut member_write, until, ends, stats),
+            trial_direction(&mut member_read, &mut client_write, until, ends, stats),
         )
     };
     let ends = tokio::select! {
@@ -218,6 +238,10 @@ pub async fn carry_on_trial(
             match (up_end, down_end) {
                 (TrialEnd::Lived, TrialEnd::Lived) => return Some((client, member, lease)),
                 (TrialEnd::Failed, _) | (_, TrialEnd::Failed) => Some("a read or write failed"),
+                // Both FINs read; closing both passes the second on.
+                (TrialEnd::Ended, TrialEnd::Ended) => return None,
+                // Half closed when the trial ended: the relay carries the open direction (the
+                // ended one reads its FIN again; passing it twice is a no-op).
                 _ => None,
             }
         }
@@ -228,7 +252,7 @@ pub async fn carry_on_trial(
         let _ = member.shutdown().await;
         return None;
     }
-    if let Err(error) = carry(client, member, lease, stats, idle_timeout).await {
+    if let Err(error) = relay_until_closed(client, member, lease, stats, idle_timeout).await {
         tracing::debug!("relayed pair ended with {error}");
     }
     None
@@ -241,6 +265,26 @@ thread_local! {
         std::cell::RefCell::new(vec![0; TRIAL_CHUNK]);
 }
 
+/// Reads what `source` holds. A short read emptied the socket, so its readiness is cleared
+/// then: the next wait goes to epoll instead of to a read that would find nothing. (A byte
+/// arriving after the read is a new edge for epoll, so nothing is missed.)
+fn read_draining(source: &OwnedReadHalf, buffer: &mut [u8]) -> io::Result<usize> {
+    let capacity = buffer.len();
+    let mut read = None;
+    let outcome = source.as_ref().try_io(tokio::io::Interest::READABLE, || {
+        let bytes = source.try_read(buffer)?;
+        read = Some(bytes);
+        if bytes > 0 && bytes < capacity {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(bytes)
+    });
+    match read {
+        Some(bytes) => Ok(bytes),
+        None => outcome,
+    }
+}
+
 /// What one read of a trial direction got.
 enum TrialRead {
     /// Bytes read, and what the destination did not take at once.
@@ -249,29 +293,38 @@ enum TrialRead {
     End(TrialEnd),
 }
 
+/// What the two directions of a trial tell each other.
+#[derive(Clone, Copy)]
+struct Ends<'a> {
+    /// Set by a direction that failed; the other stops.
+    failed: &'a tokio::sync::watch::Sender<bool>,
+    /// Set by the first direction to read its FIN.
+    one_ended: &'a std::sync::atomic::AtomicBool,
+}
+
 /// One direction of a trial; returns how it ended and the bytes it moved.
 async fn trial_direction(
     source: &mut OwnedReadHalf,
     destination: &mut OwnedWriteHalf,
     until: tokio::time::Instant,
-    ended: &tokio::sync::watch::Sender<bool>,
+    ends: Ends<'_>,
     stats: &RelayStats,
 ) -> (TrialEnd, u64) {
-    let mut other_ended = ended.subscribe();
+    let mut other_failed = ends.failed.subscribe();
     let mut moved = 0;
     let end = loop {
-        if *other_ended.borrow_and_update() {
+        if *other_failed.borrow_and_update() {
             return (TrialEnd::Stopped, moved);
         }
         tokio::select! {
             biased;
             () = tokio::time::sleep_until(until) => return (TrialEnd::Lived, moved),
-            _ = other_ended.changed() => continue,
+            _ = other_failed.changed() => continue,
             ready = source.readable() => if ready.is_err() {
                 break TrialEnd::Failed;
             },
         }
-        let read = TRIAL_SCRATCH.with_borrow_mut(|scratch| match source.try_read(scratch) {
+        let read = TRIAL_SCRATCH.with_borrow_mut(|scratch| match read_draining(source, scratch) {
             Ok(0) => TrialRead::End(TrialEnd::Ended),
             Ok(read) => match destination.try_write(&scratch[..read]) {
                 Ok(written) => TrialRead::Moved(read, scratch[written..read].to_vec()),
@@ -285,6 +338,17 @@ async fn trial_direction(
         });
         match read {
             TrialRead::Nothing => continue,
+            // Every byte before the FIN is written: pass it on now, or, when this is the
+            // second FIN, by closing both sockets (no unread byte is left on either).
+            TrialRead::End(TrialEnd::Ended) => {
+                if ends.one_ended.swap(true, Ordering::Relaxed) {
+                    return (TrialEnd::Ended, moved);
+                }
+                match destination.shutdown().await {
+                    Ok(()) => return (TrialEnd::Ended, moved),
+                    Err(_) => break TrialEnd::Failed,
+                }
+            }
             TrialRead::End(end) => break end,
             TrialRead::Moved(read, rest) => {
                 stats
@@ -297,6 +361,6 @@ async fn trial_direction(
             }
         }
     };
-    ended.send_replace(true);
+    ends.failed.send_replace(true);
     (end, moved)
 }

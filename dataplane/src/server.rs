@@ -89,6 +89,8 @@ fn reuseport_listener(
     // Accepted sockets inherit these from the start of their window.
     socket.set_recv_buffer_size(buffers.0)?;
     socket.set_send_buffer_size(buffers.1)?;
+    // Inherited by accepted sockets too: one setsockopt per listener, not per connection.
+    socket.set_tcp_nodelay(true)?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
     if address.is_ipv6() {
@@ -258,7 +260,6 @@ async fn accept_loop(
         match listener.accept().await {
             Ok((stream, client)) => {
                 shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
-                let _ = stream.set_nodelay(true);
                 let shared = Arc::clone(&shared);
                 let Some(TlsEntry { acceptor, kernel }) = tls.clone() else {
                     tokio::spawn(http::serve(Stream::Plain(stream), client, shared, entry));

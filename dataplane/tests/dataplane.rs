@@ -335,8 +335,8 @@ fn least_conn_refills_the_member_that_emptied(mode: DataplaneMode) {
 /// `offload_after`: a pair is relayed in userspace first. Pairs that close sooner never reach
 /// the kernel; pairs that live longer are handed to it between two reads, with bytes queued
 /// (their members read slowly across the hand-over); and with a trial of 2 ms,
-/// hand-overs race thousands of closes and half-closes. Every byte is checked each way; a
-/// reset during the trial closes the other side.
+/// hand-overs race thousands of closes and half-closes, and pairs half closed early finish in
+/// userspace. Every byte is checked each way; a reset during the trial closes the other side.
 #[test]
 #[ignore = "needs root and BPF: run with `cargo xtask test`"]
 fn pairs_move_to_the_kernel_after_their_trial() {
@@ -385,6 +385,22 @@ fn pairs_move_to_the_kernel_after_their_trial() {
     let raced = sockmap.stats.pairs_offloaded.load(Ordering::SeqCst);
     eprintln!("2 ms trial: {raced} of 3000 racing pairs reached the kernel");
     assert!(raced > 0, "no hand-over raced a close");
+    // Half closed before the trial starts: the client's FIN is passed on at once, and the
+    // member's 16 MiB answer, still flowing when the trial ends, stays in userspace.
+    let plans = (0..16)
+        .map(|id| {
+            let mut plan = ClientPlan::simple(20_000 + id, 1000, 16 << 20);
+            plan.up_before_101 = true;
+            plan.down_after_eof = true;
+            plan
+        })
+        .collect();
+    run_and_check(&proxy, &members, plans, 16);
+    assert_eq!(
+        sockmap.stats.pairs_offloaded.load(Ordering::SeqCst),
+        raced,
+        "a half-closed pair reached the kernel"
+    );
     assert_no_state_left(&proxy);
     proxy.stop();
 
