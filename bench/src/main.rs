@@ -861,6 +861,13 @@ fn main() -> Result<()> {
             .collect()
     };
 
+    let bench = Bench {
+        runtime: &runtime,
+        work_dir: work_dir.clone(),
+        topology,
+        member_addresses,
+        seconds,
+    };
     let mut rows = Vec::new();
     for (scenario, wss) in cases {
         let name = if wss {
@@ -877,6 +884,7 @@ fn main() -> Result<()> {
             (true, false) => &[Target::WspliceUserspace, Target::WspliceSplice],
             (false, _) => &Target::ALL,
         };
+        let mut chosen = Vec::new();
         for &target in targets {
             // Balancing needs a balancer; the members speak ws:// only.
             let balancing = matches!(scenario, Scenario::Balance { .. });
@@ -891,76 +899,18 @@ fn main() -> Result<()> {
             {
                 continue;
             }
-            let mut samples = Vec::new();
-            for _ in 0..runs {
-                // A fresh proxy per run: nothing carried over between measurements.
-                let dir = work_dir.join(format!("{:?}", target).to_lowercase());
-                std::fs::create_dir_all(&dir)?;
-                let running = start_target(target, scenario.method(), tls, &dir, topology)?;
-                let pgid = running.as_ref().map(|r| r.child.id());
-                let addresses = if target == Target::Direct {
-                    member_addresses.clone()
-                } else {
-                    vec![SocketAddr::from((topology.listen, PROXY_PORT))]
-                };
-                let targets: Vec<load::Endpoint> = addresses
-                    .into_iter()
-                    .map(|address| load::Endpoint {
-                        address,
-                        tls: tls.map(|tls| tls.connector.clone()),
-                    })
-                    .collect();
-                let proxy_before = pgid.map_or(0, group_ticks);
-                let machine_before = machine_busy_ticks();
-                let mut sample = Sample::default();
-                let outcome = runtime.block_on(run_scenario(
-                    scenario,
-                    &targets,
-                    pgid,
-                    Duration::from_secs(seconds),
-                    &mut sample,
-                ));
-                sample.proxy_cpu_seconds =
-                    (pgid.map_or(0, group_ticks) - proxy_before) as f64 / TICKS_PER_SECOND;
-                sample.machine_cpu_seconds =
-                    (machine_busy_ticks() - machine_before) as f64 / TICKS_PER_SECOND;
-                drop(running);
-                if let Some(why) = &outcome.first_failure {
-                    eprintln!(
-                        "{} / {}: {} failures, first: {why}",
-                        target.name(),
-                        name,
-                        outcome.failures
-                    );
-                }
-                let elapsed = outcome.elapsed.as_secs_f64();
-                match scenario {
-                    Scenario::Throughput { .. } => {
-                        sample.value = outcome.echoed_bytes as f64 / 1e6 / elapsed;
-                        sample.work = 2.0 * outcome.echoed_bytes as f64 / 1e9;
-                    }
-                    Scenario::Latency { .. } => {
-                        sample.work = 2.0 * outcome.echoed_bytes as f64 / 1e9;
-                    }
-                    Scenario::Handshakes => {
-                        sample.value = outcome.completed as f64 / elapsed;
-                        sample.work = outcome.completed as f64 / 1000.0;
-                    }
-                    Scenario::Idle { .. } | Scenario::Balance { .. } => {}
-                }
-                sample.failures = outcome.failures;
-                eprintln!(
-                    "{:<20} {:<70} {:>10.0} {}  proxy CPU {:.2} s, machine CPU {:.2} s, failures {}",
-                    target.name(),
-                    name,
-                    sample.value,
-                    sample.split,
-                    sample.proxy_cpu_seconds,
-                    sample.machine_cpu_seconds,
-                    outcome.failures
-                );
-                samples.push(sample);
+            chosen.push(target);
+        }
+        // Round by round, every target once per round: a slow spell of the machine then
+        // touches every target alike instead of the runs of one.
+        let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); chosen.len()];
+        for _ in 0..runs {
+            for (index, &target) in chosen.iter().enumerate() {
+                let sample = bench.measure(scenario, &name, target, tls)?;
+                samples[index].push(sample);
             }
+        }
+        for (target, samples) in chosen.into_iter().zip(samples) {
             rows.push(summarize(scenario, &name, target, samples));
         }
     }
@@ -976,6 +926,94 @@ fn main() -> Result<()> {
         "latest"
     };
     write_results(&rows, name, quick, runs, seconds, topology)
+}
+
+/// What every measurement shares.
+struct Bench<'a> {
+    runtime: &'a tokio::runtime::Runtime,
+    work_dir: PathBuf,
+    topology: Topology,
+    member_addresses: Vec<SocketAddr>,
+    seconds: u64,
+}
+
+impl Bench<'_> {
+    /// Runs `scenario` once against a fresh `target`.
+    fn measure(
+        &self,
+        scenario: Scenario,
+        name: &str,
+        target: Target,
+        tls: Option<&BenchTls>,
+    ) -> Result<Sample> {
+        // A fresh proxy per run: nothing carried over between measurements.
+        let dir = self.work_dir.join(format!("{:?}", target).to_lowercase());
+        std::fs::create_dir_all(&dir)?;
+        let running = start_target(target, scenario.method(), tls, &dir, self.topology)?;
+        let pgid = running.as_ref().map(|r| r.child.id());
+        let addresses = if target == Target::Direct {
+            self.member_addresses.clone()
+        } else {
+            vec![SocketAddr::from((self.topology.listen, PROXY_PORT))]
+        };
+        let targets: Vec<load::Endpoint> = addresses
+            .into_iter()
+            .map(|address| load::Endpoint {
+                address,
+                tls: tls.map(|tls| tls.connector.clone()),
+            })
+            .collect();
+        let proxy_before = pgid.map_or(0, group_ticks);
+        let machine_before = machine_busy_ticks();
+        let mut sample = Sample::default();
+        let outcome = self.runtime.block_on(run_scenario(
+            scenario,
+            &targets,
+            pgid,
+            Duration::from_secs(self.seconds),
+            &mut sample,
+        ));
+        sample.proxy_cpu_seconds =
+            (pgid.map_or(0, group_ticks) - proxy_before) as f64 / TICKS_PER_SECOND;
+        sample.machine_cpu_seconds =
+            (machine_busy_ticks() - machine_before) as f64 / TICKS_PER_SECOND;
+        drop(running);
+        if let Some(why) = &outcome.first_failure {
+            eprintln!(
+                "{} / {}: {} failures, first: {why}",
+                target.name(),
+                name,
+                outcome.failures
+            );
+        }
+        let elapsed = outcome.elapsed.as_secs_f64();
+        match scenario {
+            Scenario::Throughput { .. } => {
+                sample.value = outcome.echoed_bytes as f64 / 1e6 / elapsed;
+                sample.work = 2.0 * outcome.echoed_bytes as f64 / 1e9;
+            }
+            Scenario::Latency { .. } => {
+                sample.work = 2.0 * outcome.echoed_bytes as f64 / 1e9;
+            }
+            Scenario::Handshakes => {
+                sample.value = outcome.completed as f64 / elapsed;
+                sample.work = outcome.completed as f64 / 1000.0;
+            }
+            Scenario::Idle { .. } | Scenario::Balance { .. } => {}
+        }
+        sample.failures = outcome.failures;
+        eprintln!(
+            "{:<20} {:<70} {:>10.0} {}  proxy CPU {:.2} s, machine CPU {:.2} s, failures {}",
+            target.name(),
+            name,
+            sample.value,
+            sample.split,
+            sample.proxy_cpu_seconds,
+            sample.machine_cpu_seconds,
+            outcome.failures
+        );
+        Ok(sample)
+    }
 }
 
 /// Writes bench/results/NAME.{json,md} and prints the markdown; in the VM, whose files do
@@ -995,8 +1033,8 @@ fn write_results(
         serde_json::to_string_pretty(rows)?,
     )?;
     let mut markdown = format!(
-        "# wsplice benchmark results\n\n`cargo xtask bench{}{}{}`: {runs} run(s) of {seconds} s per target and \
-         scenario, a fresh proxy per run, proxy pinned to core 0, load and echo members on core 1; {}. \
+        "# wsplice benchmark results\n\n`cargo xtask bench{}{}{}`: {runs} round(s), each running every target once for \
+         {seconds} s per scenario, a fresh proxy per run, proxy pinned to core 0, load and echo members on core 1; {}. \
          Machine: {} cores, kernel {}.\n",
         if quick { " --quick" } else { "" },
         if name == "vm-kernel-tls" { " --vm" } else { "" },
