@@ -562,6 +562,9 @@ fn percentile(times: &[u32], fraction: f64) -> f64 {
     f64::from(times[index])
 }
 
+/// How long the idle scenario waits after opening connections before reading the RSS.
+const SETTLE: Duration = Duration::from_secs(2);
+
 /// Runs one scenario once against a running target; fills the scenario-specific parts of the
 /// sample and returns the load's outcome.
 async fn run_scenario(
@@ -592,7 +595,9 @@ async fn run_scenario(
             let half = connections / 2;
             let (mut streams, mut failed, mut first_failure) =
                 load::open_many(targets, half, 200).await;
-            tokio::time::sleep(Duration::from_secs(1)).await;
+            // Steady state: every proxy done with the burst (wsplice hands pairs to the kernel
+            // 250 ms after their 101, and gives the burst's memory back a second later).
+            tokio::time::sleep(SETTLE).await;
             let rss_half = pgid.map_or(0, group_rss_kib);
             let held_half = streams.len() as u64;
             let (more, more_failed, more_failure) =
@@ -601,7 +606,7 @@ async fn run_scenario(
             failed += more_failed;
             first_failure = first_failure.or(more_failure);
             let held = streams.len() as u64;
-            tokio::time::sleep(Duration::from_secs(1)).await;
+            tokio::time::sleep(SETTLE).await;
             let rss_all = pgid.map_or(0, group_rss_kib);
             sample.rss_kib_per_connection = if held > held_half {
                 rss_all.saturating_sub(rss_half) as f64 / (held - held_half) as f64

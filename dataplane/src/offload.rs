@@ -221,6 +221,7 @@ impl Sockmap {
             busy: Vec::new(),
             busy_due: std::time::Instant::now(),
             idle_timeout,
+            last_handed: None,
         };
         std::thread::Builder::new()
             .name("wsplice-offload".into())
@@ -447,7 +448,12 @@ struct Watcher {
     busy: Vec<usize>,
     busy_due: std::time::Instant,
     idle_timeout: Option<Duration>,
+    /// When the latest tunnel was handed over, until the memory is trimmed after it.
+    last_handed: Option<std::time::Instant>,
 }
+
+/// How long hand-overs must pause before the memory their handshakes used is given back.
+const TRIM_AFTER_QUIET: Duration = Duration::from_secs(1);
 
 fn token(slot: usize, generation: u32, side: usize) -> u64 {
     (u64::from(generation) << 32) | ((slot as u64) << 1) | side as u64
@@ -472,6 +478,16 @@ impl Watcher {
             if std::time::Instant::now() >= next_eviction_check {
                 self.close_evicted();
                 next_eviction_check = std::time::Instant::now() + crate::relay::EVICTION_CHECK;
+            }
+            // A burst of connections leaves its handshakes' and trials' memory free in the
+            // allocator, resident though nothing uses it; once the burst is over, give it
+            // back, so a node's RSS follows the tunnels it holds.
+            if self
+                .last_handed
+                .is_some_and(|at| at.elapsed() >= TRIM_AFTER_QUIET)
+            {
+                sys::release_free_memory();
+                self.last_handed = None;
             }
             ready.clear();
             let now = std::time::Instant::now();
@@ -566,6 +582,7 @@ impl Watcher {
                         self.by_cookie.insert(side.cookie, slot);
                     }
                     self.pairs[slot] = Some(tunnel);
+                    self.last_handed = Some(std::time::Instant::now());
                     // Bytes passed before registration produced events nobody caught.
                     self.progress(slot);
                 }
