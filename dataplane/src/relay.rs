@@ -34,7 +34,7 @@ where
 /// Counters for metrics and tests.
 #[derive(Debug, Default)]
 pub struct RelayStats {
-    /// Pairs relayed since start, for all their life or for a trial.
+    /// Pairs relayed to their end since start (in a trial or after it).
     pub pairs: AtomicU64,
     /// Bytes read into userspace by the relay (each is written out once).
     pub relayed_bytes: AtomicU64,
@@ -105,21 +105,6 @@ where
     M: AsyncRead + AsyncWrite + Unpin,
 {
     stats.pairs.fetch_add(1, Ordering::Relaxed);
-    relay_until_closed(client, member, lease, stats, idle_timeout).await
-}
-
-/// [`carry`] for a pair already counted.
-async fn relay_until_closed<C, M>(
-    client: C,
-    member: M,
-    lease: Lease,
-    stats: &RelayStats,
-    idle_timeout: Option<std::time::Duration>,
-) -> io::Result<(u64, u64)>
-where
-    C: AsyncRead + AsyncWrite + Unpin,
-    M: AsyncRead + AsyncWrite + Unpin,
-{
     let relayed = &stats.relayed_bytes;
     let (activity, start) = (AtomicU64::new(0), tokio::time::Instant::now());
     let mut client = Counted {
@@ -205,7 +190,6 @@ pub async fn carry_on_trial(
     idle_timeout: Option<std::time::Duration>,
     offload_after: std::time::Duration,
 ) -> Option<(TcpStream, TcpStream, Lease)> {
-    stats.pairs.fetch_add(1, Ordering::Relaxed);
     let until = tokio::time::Instant::now() + offload_after;
     let (failed, _) = tokio::sync::watch::channel(false);
     let one_ended = std::sync::atomic::AtomicBool::new(false);
@@ -239,7 +223,10 @@ pub async fn carry_on_trial(
                 (TrialEnd::Lived, TrialEnd::Lived) => return Some((client, member, lease)),
                 (TrialEnd::Failed, _) | (_, TrialEnd::Failed) => Some("a read or write failed"),
                 // Both FINs read; closing both passes the second on.
-                (TrialEnd::Ended, TrialEnd::Ended) => return None,
+                (TrialEnd::Ended, TrialEnd::Ended) => {
+                    stats.pairs.fetch_add(1, Ordering::Relaxed);
+                    return None;
+                }
                 // Half closed when the trial ended: the relay carries the open direction (the
                 // ended one reads its FIN again; passing it twice is a no-op).
                 _ => None,
@@ -247,12 +234,13 @@ pub async fn carry_on_trial(
         }
     };
     if let Some(why) = closing {
+        stats.pairs.fetch_add(1, Ordering::Relaxed);
         tracing::debug!("relayed pair ended: {why}");
         let _ = client.shutdown().await;
         let _ = member.shutdown().await;
         return None;
     }
-    if let Err(error) = relay_until_closed(client, member, lease, stats, idle_timeout).await {
+    if let Err(error) = carry(client, member, lease, stats, idle_timeout).await {
         tracing::debug!("relayed pair ended with {error}");
     }
     None
