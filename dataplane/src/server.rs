@@ -362,3 +362,19 @@ fn spawn_certificate_reloader(
         })?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// TCP_NODELAY is set on the listener only: every accepted socket must have inherited it.
+    #[test]
+    fn accepted_sockets_inherit_nodelay_from_the_listener() {
+        let listener =
+            reuseport_listener(SocketAddr::from(([127, 0, 0, 1], 0)), (65536, 65536)).unwrap();
+        listener.set_nonblocking(false).unwrap();
+        let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        assert!(accepted.nodelay().unwrap());
+    }
+}
