@@ -868,7 +868,7 @@ fn main() -> Result<()> {
 
     let bench = Bench {
         runtime: &runtime,
-        work_dir: work_dir.clone(),
+        work_dir,
         topology,
         member_addresses,
         seconds,
