@@ -1,6 +1,7 @@
 //! wsplice benchmarks: starts echo members and each target (pinned to core 0; this process,
 //! with the load and the members, runs on the other cores), runs the scenarios, and writes
-//! bench/results/latest.{json,md}. Run through `cargo xtask bench [--quick]`.
+//! bench/results/latest.{json,md} (latest-netns.* with --netns). Run through
+//! `cargo xtask bench [--quick] [--netns]`.
 #![forbid(unsafe_code)]
 
 mod load;
@@ -36,9 +37,10 @@ const LOOPBACK: Topology = Topology {
     netns: None,
 };
 
-/// The proxy in its own network namespace behind a veth pair, with receive packet steering
-/// putting the proxy side's receive processing on core 0 and the load side's on core 1, as
-/// NIC queues would on an edge node. Addresses exist only inside namespaces made here.
+/// The proxy in its own network namespace behind a veth pair, as on an edge node whose NIC
+/// queues are served by the proxy's cores: each side's receive processing runs in a threaded
+/// NAPI pinned to that side's core (the proxy side's to core 0, the load side's to core 1).
+/// Addresses exist only inside namespaces made here.
 const NETNS: Topology = Topology {
     listen: std::net::Ipv4Addr::new(10, 77, 0, 2),
     members: std::net::Ipv4Addr::new(10, 77, 0, 1),
@@ -53,26 +55,47 @@ fn sh(command: &str) -> Result<()> {
     Ok(())
 }
 
-/// Creates (anew) the proxy's namespace and the veth pair to it.
-fn set_up_netns() -> Result<()> {
-    let _ = sh("ip netns del wsplice-bench 2>/dev/null; ip link del wsb-host 2>/dev/null");
-    sh("ip netns add wsplice-bench")?;
-    sh("ip link add wsb-host type veth peer name wsb-proxy")?;
-    sh("ip link set wsb-proxy netns wsplice-bench")?;
-    sh("ip addr add 10.77.0.1/24 dev wsb-host && ip link set wsb-host up")?;
-    sh(
-        "ip netns exec wsplice-bench sh -c 'ip addr add 10.77.0.2/24 dev wsb-proxy && ip link set wsb-proxy up && ip link set lo up'",
-    )?;
-    // Receive steering: packets for the proxy are processed on core 0, for the load on core 1.
-    sh("echo 2 > /sys/class/net/wsb-host/queues/rx-0/rps_cpus")?;
-    sh(
-        "ip netns exec wsplice-bench sh -c 'echo 1 > /sys/class/net/wsb-proxy/queues/rx-0/rps_cpus'",
-    )?;
-    Ok(())
+const HOST_TW_REUSE: &str = "/proc/sys/net/ipv4/tcp_tw_reuse";
+
+/// The proxy's namespace and the veth pair to it, removed (and the host's sysctl restored)
+/// when dropped.
+struct Netns {
+    host_tw_reuse: String,
 }
 
-fn tear_down_netns() {
-    let _ = sh("ip netns del wsplice-bench 2>/dev/null; ip link del wsb-host 2>/dev/null");
+impl Netns {
+    fn set_up() -> Result<Netns> {
+        let _ = sh("ip netns del wsplice-bench 2>/dev/null; ip link del wsb-host 2>/dev/null");
+        let host_tw_reuse = std::fs::read_to_string(HOST_TW_REUSE)?.trim().to_string();
+        let netns = Netns { host_tw_reuse };
+        sh("ip netns add wsplice-bench")?;
+        sh("ip link add wsb-host type veth peer name wsb-proxy")?;
+        sh("ip link set wsb-proxy netns wsplice-bench")?;
+        sh("ip addr add 10.77.0.1/24 dev wsb-host && ip link set wsb-host up")?;
+        // Each end: 64 KiB frames like loopback's; GRO on and TSO off, because veth takes its
+        // NAPI path only then; NAPI in a kernel thread, so it can be pinned to a core.
+        let end = "mtu 65535 && ethtool -K DEV gro on tso off && echo 1 > /sys/class/net/DEV/threaded";
+        sh(&format!("ip link set wsb-host {}", end.replace("DEV", "wsb-host")))?;
+        sh(&format!(
+            "ip netns exec wsplice-bench sh -c 'ip link set lo up && ip addr add 10.77.0.2/24 dev wsb-proxy && \
+             ip link set wsb-proxy up && ip link set wsb-proxy {}'",
+            end.replace("DEV", "wsb-proxy")
+        ))?;
+        sh("for p in $(pgrep '^napi/wsb-proxy'); do taskset -p 1 $p >/dev/null; done; \
+            for p in $(pgrep '^napi/wsb-host'); do taskset -p 2 $p >/dev/null; done")?;
+        // Handshake runs open tens of thousands of connections; TIME_WAIT reuse, which the
+        // host allows by default only on loopback, keeps ports free on both sides.
+        sh("ip netns exec wsplice-bench sysctl -qw net.ipv4.tcp_tw_reuse=1")?;
+        std::fs::write(HOST_TW_REUSE, "1")?;
+        Ok(netns)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = std::fs::write(HOST_TW_REUSE, &self.host_tw_reuse);
+        let _ = sh("ip netns del wsplice-bench 2>/dev/null; ip link del wsb-host 2>/dev/null");
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -788,15 +811,13 @@ fn main() -> Result<()> {
     let only_scenario = flag("--scenario");
     // Inside the VM (`cargo xtask bench --vm`): the rustls relay against kernel TLS + splice.
     let kernel_tls_vm = std::env::args().any(|a| a == "--kernel-tls-vm");
-    // Loopback is the default; --netns (experimental: veth costs every target a lot, and
-    // HAProxy's handshake rate collapses there for a reason not yet understood) gives the
-    // proxy's receive processing its own core.
-    let topology = if std::env::args().any(|a| a == "--netns") {
-        set_up_netns()?;
-        NETNS
+    // Loopback is the default; --netns gives the proxy's receive processing its own core.
+    let netns = if std::env::args().any(|a| a == "--netns") {
+        Some(Netns::set_up()?)
     } else {
-        LOOPBACK
+        None
     };
+    let topology = if netns.is_some() { NETNS } else { LOOPBACK };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -919,14 +940,14 @@ fn main() -> Result<()> {
             rows.push(summarize(scenario, &name, target, samples));
         }
     }
-    if topology.netns.is_some() {
-        tear_down_netns();
-    }
+    drop(netns);
     // Only a full, unfiltered run replaces the published results.
     let name = if kernel_tls_vm {
         "vm-kernel-tls"
     } else if quick || only.is_some() || only_scenario.is_some() {
         "partial"
+    } else if topology.netns.is_some() {
+        "latest-netns"
     } else {
         "latest"
     };
@@ -1052,8 +1073,9 @@ fn write_results(
             "everything on loopback inside the test VM (Debian's stock kernel under qemu, an \
              emulated CPU under TCG: compare the rows with each other, not with the host's)"
         } else if topology.netns.is_some() {
-            "the proxy in its own network namespace behind a veth pair, receive processing for the \
-             proxy side steered to core 0 (RPS) and for the load side to core 1"
+            "the proxy in its own network namespace behind a veth pair (64 KiB MTU), each side's \
+             receive processing in a threaded NAPI pinned to its core: the proxy side's to core 0, \
+             the load side's to core 1"
         } else {
             "everything on loopback, where the kernel's receive processing runs on the sender's core"
         },

@@ -266,6 +266,8 @@ fn bench(extra: &[String]) -> Result<()> {
         ("haproxy", "haproxy"),
         ("nginx", "nginx"),
         ("apache2", "apache2"),
+        // --netns turns on veth's NAPI path.
+        ("ethtool", "ethtool"),
     ]
     .into_iter()
     .filter(|(binary, _)| {
