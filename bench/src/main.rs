@@ -74,15 +74,21 @@ impl Netns {
         sh("ip addr add 10.77.0.1/24 dev wsb-host && ip link set wsb-host up")?;
         // Each end: 64 KiB frames like loopback's; GRO on and TSO off, because veth takes its
         // NAPI path only then; NAPI in a kernel thread, so it can be pinned to a core.
-        let end = "mtu 65535 && ethtool -K DEV gro on tso off && echo 1 > /sys/class/net/DEV/threaded";
-        sh(&format!("ip link set wsb-host {}", end.replace("DEV", "wsb-host")))?;
+        let end =
+            "mtu 65535 && ethtool -K DEV gro on tso off && echo 1 > /sys/class/net/DEV/threaded";
+        sh(&format!(
+            "ip link set wsb-host {}",
+            end.replace("DEV", "wsb-host")
+        ))?;
         sh(&format!(
             "ip netns exec wsplice-bench sh -c 'ip link set lo up && ip addr add 10.77.0.2/24 dev wsb-proxy && \
              ip link set wsb-proxy up && ip link set wsb-proxy {}'",
             end.replace("DEV", "wsb-proxy")
         ))?;
-        sh("for p in $(pgrep '^napi/wsb-proxy'); do taskset -p 1 $p >/dev/null; done; \
-            for p in $(pgrep '^napi/wsb-host'); do taskset -p 2 $p >/dev/null; done")?;
+        sh(
+            "for p in $(pgrep '^napi/wsb-proxy'); do taskset -p 1 $p >/dev/null; done; \
+            for p in $(pgrep '^napi/wsb-host'); do taskset -p 2 $p >/dev/null; done",
+        )?;
         // Handshake runs open tens of thousands of connections; TIME_WAIT reuse, which the
         // host allows by default only on loopback, keeps ports free on both sides.
         sh("ip netns exec wsplice-bench sysctl -qw net.ipv4.tcp_tw_reuse=1")?;
