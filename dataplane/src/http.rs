@@ -456,7 +456,7 @@ async fn upgrade_member(
         tried[index] = true;
         let member = &cluster.members[index];
         let kernel_tls = shared.dataplane.kernel_tls_carried();
-        let stream = match open_member(member, &shared.settings, kernel_tls).await {
+        let mut stream = match open_member(member, &shared.settings, kernel_tls).await {
             Ok(stream) => stream,
             Err(reason) => {
                 member_failed(cluster, index, &reason, shared);
@@ -464,62 +464,31 @@ async fn upgrade_member(
                 continue;
             }
         };
-        let (mut sender, connection) =
-            match hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
-                .await
-            {
-                Ok(parts) => parts,
+        let limits = crate::member::Limits {
+            max_headers: shared.settings.max_headers,
+            max_head_bytes: shared.settings.max_header_bytes,
+        };
+        let mut answer =
+            match crate::member::exchange(&mut stream, method, path, headers, limits).await {
+                Ok(answer) => answer,
                 Err(error) => {
+                    // Nothing usable was answered: the next member may take the same request.
                     let reason = format!("{}: {error}", member.url);
                     member_failed(cluster, index, &reason, shared);
                     reasons.push(reason);
                     continue;
                 }
             };
-        tokio::spawn(connection.with_upgrades());
-        let mut request = Request::new(Empty::new());
-        *request.method_mut() = method.clone();
-        *request.uri_mut() = match path.parse() {
-            Ok(uri) => uri,
-            Err(_) => return Err(Failure::AllFailed(vec![format!("bad path {path:?}")])),
-        };
-        *request.headers_mut() = headers.clone();
-        let mut response = match sender.send_request(request).await {
-            Ok(response) => response,
-            Err(error) => {
-                // Nothing was answered: the next member may take the same request.
-                let reason = format!("{}: {error}", member.url);
-                member_failed(cluster, index, &reason, shared);
-                reasons.push(reason);
-                continue;
-            }
-        };
-        if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        if answer.status != StatusCode::SWITCHING_PROTOCOLS {
             tracing::info!(
                 "member {} answered the upgrade with {}",
                 member.url,
-                response.status()
+                answer.status
             );
-            return Ok(MemberAnswer::Other(response.map(BodyExt::boxed)));
+            return Ok(MemberAnswer::Other(
+                passed_on(&mut stream, &mut answer, client, member).await,
+            ));
         }
-        let headers = std::mem::take(response.headers_mut());
-        let upgraded = match hyper::upgrade::on(&mut response).await {
-            Ok(upgraded) => upgraded,
-            Err(error) => {
-                let reason = format!("{}: upgrade: {error}", member.url);
-                member_failed(cluster, index, &reason, shared);
-                reasons.push(reason);
-                continue;
-            }
-        };
-        let parts = match upgraded.downcast::<TokioIo<Stream>>() {
-            Ok(parts) => parts,
-            Err(_) => {
-                return Err(Failure::AllFailed(vec![
-                    "member stream lost its type".into(),
-                ]));
-            }
-        };
         // A client without a usable route learns its member's.
         let route_cookie = match (&cluster.sticky_cookie, picked.sticky) {
             (Some(cookie), false) => crate::balancer::lock(&cluster.balancer)
@@ -529,14 +498,48 @@ async fn upgrade_member(
             _ => None,
         };
         return Ok(MemberAnswer::Switched(Switched {
-            headers,
-            stream: parts.io.into_inner(),
-            early: parts.read_buf,
+            headers: answer.headers,
+            stream,
+            early: answer.rest.freeze(),
             lease,
             route_cookie,
         }));
     };
     Err(Failure::of(no_member, reasons))
+}
+
+/// A member's non-101 answer for the client: its body read whole, hop-by-hop headers dropped
+/// and the length set anew. A body that cannot be read (or is over `MAX_ANSWER_BODY`) gets a
+/// 502; the member did answer, so it stays in use.
+async fn passed_on(
+    stream: &mut Stream,
+    answer: &mut crate::member::Answer,
+    client: SocketAddr,
+    member: &Member,
+) -> Response<Body> {
+    let body = match crate::member::read_body(stream, answer).await {
+        Ok(body) => body,
+        Err(error) => {
+            tracing::warn!(
+                "client {client}: 502: the {} answer of member {} cannot be passed on: {error}",
+                answer.status,
+                member.url
+            );
+            return text(
+                StatusCode::BAD_GATEWAY,
+                "the member's answer cannot be passed on",
+            );
+        }
+    };
+    let mut response = Response::new(Full::new(body).map_err(|never| match never {}).boxed());
+    *response.status_mut() = answer.status;
+    *response.headers_mut() = std::mem::take(&mut answer.headers);
+    strip_hop_by_hop(response.headers_mut());
+    response.headers_mut().remove(header::CONTENT_LENGTH);
+    if let Some(reason) = answer.reason.take() {
+        response.extensions_mut().insert(reason);
+    }
+    response
 }
 
 /// Passive health: a member that failed a connect or an upgrade stays out for `retry`.

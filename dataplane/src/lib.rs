@@ -1,8 +1,8 @@
 //! wsplice: a WebSocket load balancer whose established streams are carried by the kernel.
 //!
 //! Data flow, one module per stage: [`server`] (listeners, workers) -> [`tls`] (wss://) ->
-//! [`http`] (request, upgrade validation, member handshake) -> [`router`] + [`balancer`]
-//! (which member) -> [`dataplane`] (hand-over) -> [`offload`] (BPF sockmap) or [`relay`]
+//! [`http`] (request, upgrade validation; [`member`]: the member's side of the handshake) ->
+//! [`router`] + [`balancer`] (which member) -> [`dataplane`] (hand-over) -> [`offload`] (BPF sockmap) or [`relay`]
 //! (userspace, rustls for TLS legs).
 //! Only [`sys`] talks to the kernel with `unsafe`.
 #![deny(unsafe_code)]
@@ -12,6 +12,7 @@ pub mod config;
 pub mod dataplane;
 pub mod health;
 pub mod http;
+pub mod member;
 pub mod offload;
 pub mod relay;
 pub mod router;

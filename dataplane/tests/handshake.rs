@@ -145,6 +145,91 @@ fn a_non_101_answer_reaches_the_client_as_it_is() {
     proxy.stop();
 }
 
+/// A member that answers its n-th connection's request head with `answers[n]`, then closes.
+fn scripted_member(answers: Vec<Vec<u8>>) -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for answer in answers {
+            let Ok((mut stream, _)) = listener.accept() else {
+                return;
+            };
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && stream.read_exact(&mut byte).is_ok() {
+                head.push(byte[0]);
+            }
+            let _ = stream.write_all(&answer);
+        }
+    });
+    address
+}
+
+const UPGRADE: &[u8] = b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+
+#[test]
+fn a_non_101_answer_in_any_framing_reaches_the_client_whole() {
+    let too_big = 2 << 20;
+    let member = scripted_member(vec![
+        // An informational answer first, then a chunked body with a trailer.
+        b"HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 403 Nope\r\ntransfer-encoding: chunked\r\n\r\n2\r\nno\r\n3;x=y\r\npe\n\r\n0\r\nx-trailer: 1\r\n\r\n".to_vec(),
+        // A body that runs to the close.
+        b"HTTP/1.1 500 Internal Server Error\r\nx-why: test\r\n\r\noops".to_vec(),
+        // More than is held: 502, and the member stays in use.
+        format!("HTTP/1.1 404 Not Found\r\ncontent-length: {too_big}\r\n\r\n").into_bytes(),
+        b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 3\r\n\r\nwho".to_vec(),
+    ]);
+    let proxy = wsplice::server::start(userspace_config(vec![format!("ws://{member}")])).unwrap();
+    let address = proxy.addresses[0];
+
+    let (status, text) = raw_exchange(address, UPGRADE);
+    assert_eq!(status, "HTTP/1.1 403 Nope", "{text}");
+    assert!(text.ends_with("\r\n\r\nnope\n"), "{text:?}");
+    let head = text.split("\r\n\r\n").next().unwrap();
+    assert_eq!(header(head, "content-length"), Some("5"), "{head}");
+    assert_eq!(header(head, "transfer-encoding"), None, "{head}");
+    assert_eq!(header(head, "link"), None, "{head}");
+
+    let (status, text) = raw_exchange(address, UPGRADE);
+    assert_eq!(status, "HTTP/1.1 500 Internal Server Error", "{text}");
+    assert_eq!(header(&text, "x-why"), Some("test"), "{text}");
+    assert!(text.ends_with("\r\n\r\noops"), "{text:?}");
+
+    let (status, text) = raw_exchange(address, UPGRADE);
+    assert_eq!(status, "HTTP/1.1 502 Bad Gateway", "{text}");
+    let (status, text) = raw_exchange(address, UPGRADE);
+    assert_eq!(status, "HTTP/1.1 401 Unauthorized", "{text}");
+    assert!(text.ends_with("\r\n\r\nwho"), "{text:?}");
+    proxy.stop();
+}
+
+#[test]
+fn a_malformed_or_missing_answer_sends_the_request_to_the_next_member() {
+    let broken = scripted_member(vec![b"HTTP/1.1 10x Broken\r\n\r\n".to_vec()]);
+    let silent = scripted_member(vec![Vec::new()]);
+    let live = start_member(1);
+    let config = userspace_config(vec![
+        format!("ws://{broken}"),
+        format!("ws://{silent}"),
+        format!("ws://{}", live.address),
+    ]);
+    let proxy = wsplice::server::start(config).unwrap();
+    for id in 0..3 {
+        let report = run_client(proxy.addresses[0], &plan(id)).unwrap();
+        assert!(report.head.starts_with("HTTP/1.1 101"), "{}", report.head);
+        assert_eq!(report.received, Ok(1000));
+    }
+    assert_eq!(live.accepted.load(std::sync::atomic::Ordering::SeqCst), 3);
+    // Both scripted members were asked (each closes its listener after its one answer).
+    for address in [broken, silent] {
+        assert!(wait_until(Duration::from_secs(5), || TcpStream::connect(
+            address
+        )
+        .is_err()));
+    }
+    proxy.stop();
+}
+
 /// An address nothing listens on.
 fn dead_address() -> std::net::SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
