@@ -2,8 +2,8 @@
 //!
 //! Data flow, one module per stage: [`server`] (listeners, workers) -> [`tls`] (wss://) ->
 //! [`http`] (request, upgrade validation; [`member`]: the member's side of the handshake) ->
-//! [`router`] + [`balancer`] (which member) -> [`dataplane`] (hand-over) -> [`offload`] (BPF sockmap) or [`relay`]
-//! (userspace, rustls for TLS legs).
+//! [`router`] + [`balancer`] (which member) -> [`dataplane`] (hand-over) -> [`offload`] (BPF
+//! sockmap) or [`relay`] (userspace, rustls for TLS legs).
 //! Only [`sys`] talks to the kernel with `unsafe`.
 #![deny(unsafe_code)]
 
