@@ -214,20 +214,23 @@ fn a_malformed_or_missing_answer_sends_the_request_to_the_next_member() {
         format!("ws://{}", live.address),
     ]);
     let proxy = wsplice::server::start(config).unwrap();
-    for id in 0..3 {
-        let report = run_client(proxy.addresses[0], &plan(id)).unwrap();
+    every_upgrade_reaches(proxy.addresses[0], &live, 3);
+    // Both scripted members were asked (each closes its listener after its one answer).
+    for address in [broken, silent] {
+        let refused = || TcpStream::connect(address).is_err();
+        assert!(wait_until(Duration::from_secs(5), refused));
+    }
+    proxy.stop();
+}
+
+/// `count` upgrades in a row each get their 101 and echo; `live` took every one of them.
+fn every_upgrade_reaches(proxy: std::net::SocketAddr, live: &Member, count: u64) {
+    for id in 0..count {
+        let report = run_client(proxy, &plan(id)).unwrap();
         assert!(report.head.starts_with("HTTP/1.1 101"), "{}", report.head);
         assert_eq!(report.received, Ok(1000));
     }
-    assert_eq!(live.accepted.load(std::sync::atomic::Ordering::SeqCst), 3);
-    // Both scripted members were asked (each closes its listener after its one answer).
-    for address in [broken, silent] {
-        assert!(wait_until(Duration::from_secs(5), || TcpStream::connect(
-            address
-        )
-        .is_err()));
-    }
-    proxy.stop();
+    assert_eq!(live.accepted.load(std::sync::atomic::Ordering::SeqCst), count);
 }
 
 /// An address nothing listens on.
@@ -245,12 +248,7 @@ fn an_unreachable_member_is_skipped_and_502_comes_only_when_none_can_serve() {
         format!("ws://{}", live.address),
     ]);
     let proxy = wsplice::server::start(config).unwrap();
-    for id in 0..10 {
-        let report = run_client(proxy.addresses[0], &plan(id)).unwrap();
-        assert!(report.head.starts_with("HTTP/1.1 101"), "{}", report.head);
-        assert_eq!(report.received, Ok(1000));
-    }
-    assert_eq!(live.accepted.load(std::sync::atomic::Ordering::SeqCst), 10);
+    every_upgrade_reaches(proxy.addresses[0], &live, 10);
     proxy.stop();
 
     let config = userspace_config(vec![
