@@ -230,7 +230,10 @@ fn every_upgrade_reaches(proxy: std::net::SocketAddr, live: &Member, count: u64)
         assert!(report.head.starts_with("HTTP/1.1 101"), "{}", report.head);
         assert_eq!(report.received, Ok(1000));
     }
-    assert_eq!(live.accepted.load(std::sync::atomic::Ordering::SeqCst), count);
+    assert_eq!(
+        live.accepted.load(std::sync::atomic::Ordering::SeqCst),
+        count
+    );
 }
 
 /// An address nothing listens on.
