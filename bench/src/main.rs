@@ -85,6 +85,8 @@ impl Netns {
              ip link set wsb-proxy up && ip link set wsb-proxy {}'",
             end.replace("DEV", "wsb-proxy")
         ))?;
+        sh("pgrep '^napi/wsb-proxy' >/dev/null && pgrep '^napi/wsb-host' >/dev/null")
+            .context("veth's NAPI threads did not start (threaded NAPI needs kernel 5.12+)")?;
         sh(
             "for p in $(pgrep '^napi/wsb-proxy'); do taskset -p 1 $p >/dev/null; done; \
             for p in $(pgrep '^napi/wsb-host'); do taskset -p 2 $p >/dev/null; done",
