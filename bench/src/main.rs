@@ -56,6 +56,8 @@ fn sh(command: &str) -> Result<()> {
 }
 
 const HOST_TW_REUSE: &str = "/proc/sys/net/ipv4/tcp_tw_reuse";
+const REMOVE_NETNS: &str =
+    "ip netns del wsplice-bench 2>/dev/null; ip link del wsb-host 2>/dev/null";
 
 /// The proxy's namespace and the veth pair to it, removed (and the host's sysctl restored)
 /// when dropped.
@@ -65,7 +67,7 @@ struct Netns {
 
 impl Netns {
     fn set_up() -> Result<Netns> {
-        let _ = sh("ip netns del wsplice-bench 2>/dev/null; ip link del wsb-host 2>/dev/null");
+        let _ = sh(REMOVE_NETNS);
         let host_tw_reuse = std::fs::read_to_string(HOST_TW_REUSE)?.trim().to_string();
         let netns = Netns { host_tw_reuse };
         sh("ip netns add wsplice-bench")?;
@@ -85,12 +87,15 @@ impl Netns {
              ip link set wsb-proxy up && ip link set wsb-proxy {}'",
             end.replace("DEV", "wsb-proxy")
         ))?;
-        sh("pgrep '^napi/wsb-proxy' >/dev/null && pgrep '^napi/wsb-host' >/dev/null")
-            .context("veth's NAPI threads did not start (threaded NAPI needs kernel 5.12+)")?;
-        sh(
-            "for p in $(pgrep '^napi/wsb-proxy'); do taskset -p 1 $p >/dev/null; done; \
-            for p in $(pgrep '^napi/wsb-host'); do taskset -p 2 $p >/dev/null; done",
-        )?;
+        for (side, core_mask) in [("wsb-proxy", 1), ("wsb-host", 2)] {
+            sh(&format!(
+                "threads=$(pgrep '^napi/{side}') && \
+                 for p in $threads; do taskset -p {core_mask} $p >/dev/null; done"
+            ))
+            .with_context(|| {
+                format!("{side}'s NAPI threads did not start (threaded NAPI needs kernel 5.12+)")
+            })?;
+        }
         // Handshake runs open tens of thousands of connections; TIME_WAIT reuse, which the
         // host allows by default only on loopback, keeps ports free on both sides.
         sh("ip netns exec wsplice-bench sysctl -qw net.ipv4.tcp_tw_reuse=1")?;
@@ -102,7 +107,7 @@ impl Netns {
 impl Drop for Netns {
     fn drop(&mut self) {
         let _ = std::fs::write(HOST_TW_REUSE, &self.host_tw_reuse);
-        let _ = sh("ip netns del wsplice-bench 2>/dev/null; ip link del wsb-host 2>/dev/null");
+        let _ = sh(REMOVE_NETNS);
     }
 }
 
