@@ -815,21 +815,40 @@ fn summarize(scenario: Scenario, name: &str, target: Target, samples: Vec<Sample
 /// Marks the result lines on the VM's console (`cargo xtask bench --vm` collects them).
 const VM_RESULT_PREFIX: &str = "WSPLICE-RESULT ";
 
+/// `cargo xtask bench` passes its arguments through; a mistyped one stops here instead of
+/// starting a full run.
+#[derive(clap::Parser)]
+#[command(about = "wsplice benchmarks: every target, scenario by scenario")]
+struct Arguments {
+    /// One round of 3 s per scenario instead of three of 8 s.
+    #[arg(long)]
+    quick: bool,
+    /// Only targets whose name contains this (case-insensitive), e.g. `sockmap`.
+    #[arg(long)]
+    only: Option<String>,
+    /// Only scenarios whose name contains this (case-insensitive), e.g. `handshakes`.
+    #[arg(long)]
+    scenario: Option<String>,
+    /// Give the proxy's receive processing its own core (veth pair into a namespace).
+    #[arg(long)]
+    netns: bool,
+    /// Inside the VM (`cargo xtask bench --vm`): the rustls relay against kernel TLS + splice.
+    #[arg(long, hide = true)]
+    kernel_tls_vm: bool,
+}
+
 fn main() -> Result<()> {
-    let quick = std::env::args().any(|a| a == "--quick");
+    let Arguments {
+        quick,
+        only,
+        scenario: only_scenario,
+        netns,
+        kernel_tls_vm,
+    } = clap::Parser::parse();
     let runs = if quick { 1 } else { 3 };
     let seconds = if quick { 3 } else { 8 };
-    let flag = |name: &str| std::env::args().skip_while(|a| a != name).nth(1);
-    let only = flag("--only");
-    let only_scenario = flag("--scenario");
-    // Inside the VM (`cargo xtask bench --vm`): the rustls relay against kernel TLS + splice.
-    let kernel_tls_vm = std::env::args().any(|a| a == "--kernel-tls-vm");
     // Loopback is the default; --netns gives the proxy's receive processing its own core.
-    let netns = if std::env::args().any(|a| a == "--netns") {
-        Some(Netns::set_up()?)
-    } else {
-        None
-    };
+    let netns = if netns { Some(Netns::set_up()?) } else { None };
     let topology = if netns.is_some() { NETNS } else { LOOPBACK };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
