@@ -823,15 +823,21 @@ struct Arguments {
     /// One round of 3 s per scenario instead of three of 8 s.
     #[arg(long)]
     quick: bool,
-    /// Only targets whose name contains this (case-insensitive), e.g. `sockmap`.
-    #[arg(long)]
-    only: Option<String>,
-    /// Only scenarios whose name contains this (case-insensitive), e.g. `handshakes`.
+    /// Only targets whose name contains this (case-insensitive), e.g. `sockmap`; repeat it or
+    /// separate names with commas for several (`--only sockmap,haproxy`).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Only scenarios whose name starts with this (case-insensitive): `throughput`, `wss`,
+    /// `handshakes` (ws:// only), `latency, 50 connections, 1 KiB messages, 5000`.
     #[arg(long)]
     scenario: Option<String>,
     /// Give the proxy's receive processing its own core (veth pair into a namespace).
     #[arg(long)]
     netns: bool,
+    /// Rounds instead of the default (3; 1 with --quick): narrower medians for a focused
+    /// comparison. Results go to partial.{json,md}.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    rounds: Option<u16>,
     /// Inside the VM (`cargo xtask bench --vm`): the rustls relay against kernel TLS + splice.
     #[arg(long, hide = true)]
     kernel_tls_vm: bool,
@@ -843,9 +849,10 @@ fn main() -> Result<()> {
         only,
         scenario: only_scenario,
         netns,
+        rounds,
         kernel_tls_vm,
     } = clap::Parser::parse();
-    let runs = if quick { 1 } else { 3 };
+    let runs = rounds.map_or(if quick { 1 } else { 3 }, usize::from);
     let seconds = if quick { 3 } else { 8 };
     // Loopback is the default; --netns gives the proxy's receive processing its own core.
     let netns = if netns { Some(Netns::set_up()?) } else { None };
@@ -896,11 +903,6 @@ fn main() -> Result<()> {
             method: Method::LeastConn,
         },
     ];
-    let matches = |filter: &Option<String>, name: &str| {
-        filter
-            .as_deref()
-            .is_none_or(|f| name.to_lowercase().contains(&f.to_lowercase()))
-    };
     let work_dir = std::env::temp_dir().join(format!("wsplice-bench-{}", std::process::id()));
     let bench_tls = BenchTls::new(&work_dir.join("tls"))?;
     // In the VM, ws:// too: what splicing costs against the relay's copies without crypto.
@@ -933,7 +935,11 @@ fn main() -> Result<()> {
         } else {
             scenario.name()
         };
-        if !matches(&only_scenario, &name) {
+        // The start of the name, so `handshakes` leaves out `wss:// handshakes`.
+        if only_scenario
+            .as_deref()
+            .is_some_and(|f| !name.to_lowercase().starts_with(&f.to_lowercase()))
+        {
             continue;
         }
         let tls = wss.then_some(&bench_tls);
@@ -951,7 +957,11 @@ fn main() -> Result<()> {
             let splice_adds_nothing = !kernel_tls_vm
                 && target == Target::WspliceSplice
                 && (wss || balancing || matches!(scenario, Scenario::Idle { .. }));
-            if !matches(&only, target.name())
+            let chosen_by_name = only.is_empty()
+                || only
+                    .iter()
+                    .any(|f| target.name().to_lowercase().contains(&f.to_lowercase()));
+            if !chosen_by_name
                 || ((balancing || wss) && target == Target::Direct)
                 || splice_adds_nothing
             {
@@ -976,14 +986,23 @@ fn main() -> Result<()> {
     // Only a full, unfiltered run replaces the published results.
     let name = if kernel_tls_vm {
         "vm-kernel-tls"
-    } else if quick || only.is_some() || only_scenario.is_some() {
+    } else if quick || !only.is_empty() || only_scenario.is_some() || rounds.is_some() {
         "partial"
     } else if topology.netns.is_some() {
         "latest-netns"
     } else {
         "latest"
     };
-    write_results(&rows, name, quick, runs, seconds, topology)
+    // The command as a user types it: the VM's inner flag stands for xtask's --vm.
+    let command: String = std::env::args()
+        .skip(1)
+        .map(|a| match a.as_str() {
+            "--kernel-tls-vm" => " --vm".to_string(),
+            _ if a.contains(' ') => format!(" '{a}'"),
+            _ => format!(" {a}"),
+        })
+        .collect();
+    write_results(&rows, name, &command, runs, seconds, topology)
 }
 
 /// What every measurement shares.
@@ -1079,7 +1098,7 @@ impl Bench<'_> {
 fn write_results(
     rows: &[Row],
     name: &str,
-    quick: bool,
+    command: &str,
     runs: usize,
     seconds: u64,
     topology: Topology,
@@ -1091,16 +1110,9 @@ fn write_results(
         serde_json::to_string_pretty(rows)?,
     )?;
     let mut markdown = format!(
-        "# wsplice benchmark results\n\n`cargo xtask bench{}{}{}`: {runs} round(s), each running every target once for \
+        "# wsplice benchmark results\n\n`cargo xtask bench{command}`: {runs} round(s), each running every target once for \
          {seconds} s per scenario, a fresh proxy per run, proxy pinned to core 0, load and echo members on core 1; {}. \
          Machine: {} cores, kernel {}.\n",
-        if quick { " --quick" } else { "" },
-        if name == "vm-kernel-tls" { " --vm" } else { "" },
-        if topology.netns.is_some() {
-            " --netns"
-        } else {
-            ""
-        },
         if name == "vm-kernel-tls" {
             "everything on loopback inside the test VM (Debian's stock kernel under qemu, an \
              emulated CPU under TCG: compare the rows with each other, not with the host's)"

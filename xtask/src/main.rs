@@ -5,7 +5,7 @@
 //!   suite in a VM on Debian's stock kernel (installs qemu-system-x86, linux-image-amd64 and
 //!   busybox-static if missing), then the kernel TLS tests on a newer Debian kernel (fetched
 //!   from trixie-backports into target/vm). Fails, never skips, when a prerequisite is missing.
-//! - `cargo xtask bench [--quick] [--only TARGET] [--scenario NAME] [--netns]`: wsplice
+//! - `cargo xtask bench [--quick] [--only TARGETS] [--scenario NAME] [--rounds N] [--netns]`: wsplice
 //!   against nginx, HAProxy and Apache; `--vm [--newer-kernel]`: the rustls relay against
 //!   kernel TLS + splice for wss://, inside the test VM.
 //! - `cargo xtask vm [--newer-kernel] SCRIPT`: runs a shell script inside the test VM (Debian's
@@ -365,7 +365,7 @@ fn main() -> ExitCode {
         "vm" => vm_script(&extra),
         _ => {
             eprintln!(
-                "usage: cargo xtask <test|bench [--quick] [--only TARGET] [--scenario NAME] [--vm [--newer-kernel]]|vm [--newer-kernel] SCRIPT|build-ebpf|relay-bench>"
+                "usage: cargo xtask <test|bench [--quick] [--only TARGETS] [--scenario NAME] [--rounds N] [--netns] [--vm [--newer-kernel]]|vm [--newer-kernel] SCRIPT|build-ebpf|relay-bench>"
             );
             return ExitCode::from(64);
         }
