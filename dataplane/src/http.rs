@@ -1,4 +1,5 @@
-//! The HTTP stage: read the client's request (hyper), validate a WebSocket upgrade (RFC 6455
+//! The HTTP stage: read the client's request ([`crate::client`] for a connection's first
+//! upgrade, hyper for the rest), validate a WebSocket upgrade (RFC 6455
 //! section 4.2.1), route it, forward it to a member with Host kept and X-Forwarded-* added, and
 //! relay the member's answer. A 101 hands both sockets to the data plane; any other answer goes
 //! to the client as it is. Plain requests are reverse-proxied one by one. A plain listener
@@ -9,16 +10,18 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode, Version};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::balancer::{Lease, NoMember, PickRequest};
+use crate::client::{FirstRequest, Rewind};
 use crate::config::ServerSettings;
 use crate::router::{Cluster, Member};
 use crate::server::Shared;
@@ -34,8 +37,141 @@ pub struct Entry {
     pub redirect_to_https: bool,
 }
 
-/// Serves one client connection until it closes or upgrades.
-pub async fn serve(stream: Stream, client: SocketAddr, shared: Arc<Shared>, entry: Entry) {
+/// Serves one client connection until it closes or upgrades. The first request is read by
+/// [`crate::client`]: an upgrade is answered here, anything else (and every request after an
+/// upgrade refused with keep-alive) by hyper.
+pub async fn serve(mut stream: Stream, client: SocketAddr, shared: Arc<Shared>, entry: Entry) {
+    let settings = &shared.settings;
+    // A redirecting listener answers everything alike: hyper has it all.
+    let mut read = BytesMut::new();
+    if !entry.redirect_to_https {
+        let limits = crate::client::Limits {
+            max_headers: settings.max_headers,
+            max_head_bytes: settings.max_header_bytes.max(8192),
+            timeout: settings.handshake_timeout,
+        };
+        read = match crate::client::read_first(&mut stream, limits).await {
+            FirstRequest::Upgrade(request, rest) => {
+                match answer_upgrade(stream, request, rest, client, &shared, entry).await {
+                    Some((kept, rest)) => {
+                        stream = kept;
+                        rest
+                    }
+                    None => return,
+                }
+            }
+            FirstRequest::ForHyper(read) => read,
+            FirstRequest::Gone(why) => {
+                tracing::debug!("client {client}: connection ended: {why}");
+                return;
+            }
+            FirstRequest::Stalled(after) => {
+                tracing::info!(
+                    "client {client}: connection ended: no whole request within {after:?}"
+                );
+                return;
+            }
+        };
+    }
+    serve_with_hyper(Rewind::new(read.freeze(), stream), client, shared, entry).await;
+}
+
+/// The first request was an upgrade: the member's 101 goes to the client in one write and the
+/// pair to the data plane, in this task. Any other answer is written whole; the connection
+/// is then given back (with the bytes read after the request) unless the client asked to close.
+async fn answer_upgrade(
+    mut stream: Stream,
+    request: Request<()>,
+    rest: BytesMut,
+    client: SocketAddr,
+    shared: &Arc<Shared>,
+    entry: Entry,
+) -> Option<(Stream, BytesMut)> {
+    let (host, path) = host_and_path(&request);
+    let keep_alive = !has_token(request.headers(), header::CONNECTION, "close");
+    let outcome = match shared.router.route(host.as_deref(), &path) {
+        Some(cluster) => upgrade(request, cluster, &path, client, shared, entry).await,
+        None => Err(no_route(host.as_deref(), &path, client)),
+    };
+    let response = match outcome {
+        Ok(switched) => {
+            let mut headers = switched.headers;
+            if let Some(cookie) = switched.route_cookie {
+                headers.append(header::SET_COOKIE, cookie);
+            }
+            shared.stats.upgrades.fetch_add(1, Ordering::Relaxed);
+            let head = crate::head::response_head(StatusCode::SWITCHING_PROTOCOLS, None, &headers);
+            if let Err(error) = write_whole(&mut stream, &head).await {
+                tracing::info!("client {client}: gone before the 101 was sent: {error}");
+                return None;
+            }
+            Arc::clone(&shared.dataplane)
+                .carry(
+                    stream,
+                    rest.freeze(),
+                    switched.stream,
+                    switched.early,
+                    switched.lease,
+                )
+                .await;
+            return None;
+        }
+        Err(response) => response,
+    };
+    let (mut parts, body) = response.into_parts();
+    // Every answer made here is whole already.
+    let body = body
+        .collect()
+        .await
+        .map(|whole| whole.to_bytes())
+        .unwrap_or_default();
+    let bodiless = parts.status.is_informational()
+        || parts.status == StatusCode::NO_CONTENT
+        || parts.status == StatusCode::NOT_MODIFIED;
+    if !bodiless {
+        parts
+            .headers
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    }
+    if !keep_alive {
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    let reason = parts.extensions.get::<hyper::ext::ReasonPhrase>();
+    let mut bytes = crate::head::response_head(
+        parts.status,
+        reason.map(|reason| reason.as_bytes()),
+        &parts.headers,
+    );
+    if !bodiless {
+        bytes.extend_from_slice(&body);
+    }
+    let written = write_whole(&mut stream, &bytes).await;
+    match written {
+        Ok(()) if keep_alive => Some((stream, rest)),
+        Ok(()) => {
+            let _ = stream.shutdown().await;
+            None
+        }
+        Err(error) => {
+            tracing::debug!(
+                "client {client}: gone before the {} was sent: {error}",
+                parts.status
+            );
+            None
+        }
+    }
+}
+
+/// Writes `bytes` and pushes them out (a TLS stream holds them until flushed).
+async fn write_whole(stream: &mut Stream, bytes: &[u8]) -> std::io::Result<()> {
+    stream.write_all(bytes).await?;
+    stream.flush().await
+}
+
+/// Serves requests with hyper until the connection closes or upgrades.
+async fn serve_with_hyper(stream: Rewind, client: SocketAddr, shared: Arc<Shared>, entry: Entry) {
     let settings = &shared.settings;
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
@@ -104,7 +240,7 @@ fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
 }
 
 /// A request that asks for any protocol switch, valid or not.
-fn wants_upgrade<B>(request: &Request<B>) -> bool {
+pub(crate) fn wants_upgrade<B>(request: &Request<B>) -> bool {
     request.headers().contains_key(header::UPGRADE)
         || request.headers().contains_key(header::SEC_WEBSOCKET_KEY)
         || has_token(request.headers(), header::CONNECTION, "upgrade")
@@ -183,63 +319,21 @@ async fn handle(
     shared: Arc<Shared>,
     entry: Entry,
 ) -> Response<Body> {
-    let host = header_str(request.headers(), header::HOST).map(str::to_owned);
-    let path = request
-        .uri()
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_owned();
+    let (host, path) = host_and_path(&request);
     if entry.redirect_to_https {
         return redirect_to_https(host.as_deref(), &path, client);
     }
     let Some(cluster) = shared.router.route(host.as_deref(), &path) else {
-        tracing::info!(
-            "client {client}: 404: no route for host {:?} path {path}",
-            host.as_deref().unwrap_or("")
-        );
-        return text(StatusCode::NOT_FOUND, "no route for this host and path");
+        return no_route(host.as_deref(), &path, client);
     };
     if !wants_upgrade(&request) {
         return proxy_plain(request, client, cluster, &shared, entry).await;
     }
-    if let Err(reason) = validate_upgrade(&request) {
-        tracing::info!("client {client}: 400: {reason}");
-        shared
-            .stats
-            .rejected_upgrades
-            .fetch_add(1, Ordering::Relaxed);
-        let mut response = text(StatusCode::BAD_REQUEST, reason);
-        response.headers_mut().insert(
-            header::SEC_WEBSOCKET_VERSION,
-            HeaderValue::from_static("13"),
-        );
-        return response;
-    }
-
     let client_upgrade = hyper::upgrade::on(&mut request);
-    let (parts, _) = request.into_parts();
-    let forwarded = forwarded_headers(&parts.headers, client, host.as_deref(), entry.tls);
-    let attempt = tokio::time::timeout(
-        shared.settings.handshake_timeout,
-        upgrade_member(cluster, &parts.method, &path, &forwarded, client, &shared),
-    )
-    .await;
-    let switched = match attempt {
-        Err(_) => {
-            tracing::warn!(
-                "client {client}: 504: no member answered the upgrade within {:?}",
-                shared.settings.handshake_timeout
-            );
-            return text(
-                StatusCode::GATEWAY_TIMEOUT,
-                "the member did not answer in time",
-            );
-        }
-        Ok(Err(failure)) => return failure.response(client, cluster),
-        Ok(Ok(MemberAnswer::Other(response))) => return response,
-        Ok(Ok(MemberAnswer::Switched(switched))) => switched,
+    let switched = match upgrade(request, cluster, &path, client, &shared, entry).await {
+        Ok(switched) => switched,
+        Err(response) => return response,
     };
-
     let mut response = Response::new(Empty::new().map_err(|never| match never {}).boxed());
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     *response.headers_mut() = switched.headers;
@@ -256,12 +350,19 @@ async fn handle(
                 return;
             }
         };
-        match upgraded.downcast::<TokioIo<Stream>>() {
+        match upgraded.downcast::<TokioIo<Rewind>>() {
             Ok(parts) => {
+                // Hyper read `read_buf` before what it left of the bytes put back.
+                let (unread, stream) = parts.io.into_inner().into_parts();
+                let early = if unread.is_empty() {
+                    parts.read_buf
+                } else {
+                    [parts.read_buf, unread].concat().into()
+                };
                 dataplane
                     .carry(
-                        parts.io.into_inner(),
-                        parts.read_buf,
+                        stream,
+                        early,
                         switched.stream,
                         switched.early,
                         switched.lease,
@@ -272,6 +373,73 @@ async fn handle(
         }
     });
     response
+}
+
+/// The request's Host and its path with the query, as routing and forwarding take them.
+fn host_and_path<B>(request: &Request<B>) -> (Option<String>, String) {
+    let host = header_str(request.headers(), header::HOST).map(str::to_owned);
+    let path = request
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    (host, path)
+}
+
+/// The answer to a request no route takes.
+fn no_route(host: Option<&str>, path: &str, client: SocketAddr) -> Response<Body> {
+    tracing::info!(
+        "client {client}: 404: no route for host {:?} path {path}",
+        host.unwrap_or("")
+    );
+    text(StatusCode::NOT_FOUND, "no route for this host and path")
+}
+
+/// An upgrade request, checked and offered to the cluster's members in turn. Ok: a member
+/// switched protocols; Err: the answer the client gets instead.
+async fn upgrade<B>(
+    request: Request<B>,
+    cluster: &Cluster,
+    path: &str,
+    client: SocketAddr,
+    shared: &Shared,
+    entry: Entry,
+) -> Result<Switched, Response<Body>> {
+    if let Err(reason) = validate_upgrade(&request) {
+        tracing::info!("client {client}: 400: {reason}");
+        shared
+            .stats
+            .rejected_upgrades
+            .fetch_add(1, Ordering::Relaxed);
+        let mut response = text(StatusCode::BAD_REQUEST, reason);
+        response.headers_mut().insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
+        return Err(response);
+    }
+    let (parts, _) = request.into_parts();
+    let forwarded = forwarded_headers(parts.headers, client, entry.tls);
+    let attempt = tokio::time::timeout(
+        shared.settings.handshake_timeout,
+        upgrade_member(cluster, &parts.method, path, &forwarded, client, shared),
+    )
+    .await;
+    match attempt {
+        Err(_) => {
+            tracing::warn!(
+                "client {client}: 504: no member answered the upgrade within {:?}",
+                shared.settings.handshake_timeout
+            );
+            Err(text(
+                StatusCode::GATEWAY_TIMEOUT,
+                "the member did not answer in time",
+            ))
+        }
+        Ok(Err(failure)) => Err(failure.response(client, cluster)),
+        Ok(Ok(MemberAnswer::Other(response))) => Err(response),
+        Ok(Ok(MemberAnswer::Switched(switched))) => Ok(switched),
+    }
 }
 
 /// The member's side of a successful upgrade.
@@ -347,29 +515,29 @@ impl Failure {
 }
 
 /// Headers for the member: the client's, with X-Forwarded-For/-Proto/-Host added.
-fn forwarded_headers(
-    headers: &HeaderMap,
-    client: SocketAddr,
-    host: Option<&str>,
-    tls: bool,
-) -> HeaderMap {
-    let mut forwarded = headers.clone();
+fn forwarded_headers(mut headers: HeaderMap, client: SocketAddr, tls: bool) -> HeaderMap {
+    let for_name = HeaderName::from_static("x-forwarded-for");
     let client_ip = client.ip().to_string();
-    let chain = match header_str(headers, HeaderName::from_static("x-forwarded-for")) {
+    let chain = match header_str(&headers, for_name.clone()) {
         Some(earlier) => format!("{earlier}, {client_ip}"),
         None => client_ip,
     };
-    if let Ok(value) = HeaderValue::from_str(&chain) {
-        forwarded.insert(HeaderName::from_static("x-forwarded-for"), value);
+    if let Ok(value) = HeaderValue::from_maybe_shared(Bytes::from(chain)) {
+        headers.insert(for_name, value);
     }
-    forwarded.insert(
+    headers.insert(
         HeaderName::from_static("x-forwarded-proto"),
         HeaderValue::from_static(if tls { "https" } else { "http" }),
     );
-    if let Some(value) = host.and_then(|h| HeaderValue::from_str(h).ok()) {
-        forwarded.insert(HeaderName::from_static("x-forwarded-host"), value);
+    // The Host the request was routed by (a clone of a value is a reference count).
+    if let Some(host) = headers
+        .get(header::HOST)
+        .filter(|value| value.to_str().is_ok())
+        .cloned()
+    {
+        headers.insert(HeaderName::from_static("x-forwarded-host"), host);
     }
-    forwarded
+    headers
 }
 
 async fn connect(address: SocketAddr, settings: &ServerSettings) -> Result<TcpStream, String> {
@@ -618,9 +786,8 @@ async fn proxy_plain(
     shared: &Shared,
     entry: Entry,
 ) -> Response<Body> {
-    let host = header_str(request.headers(), header::HOST).map(str::to_owned);
     let (mut parts, body) = request.into_parts();
-    parts.headers = forwarded_headers(&parts.headers, client, host.as_deref(), entry.tls);
+    parts.headers = forwarded_headers(std::mem::take(&mut parts.headers), client, entry.tls);
     strip_hop_by_hop(&mut parts.headers);
     parts.version = Version::HTTP_11;
     if let Some(path) = parts.uri.path_and_query().cloned() {
@@ -760,12 +927,7 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
         headers.insert("host", HeaderValue::from_static("example.com"));
-        let out = forwarded_headers(
-            &headers,
-            "192.0.2.7:5000".parse().unwrap(),
-            Some("example.com"),
-            false,
-        );
+        let out = forwarded_headers(headers, "192.0.2.7:5000".parse().unwrap(), false);
         assert_eq!(out["x-forwarded-for"], "10.0.0.1, 192.0.2.7");
         assert_eq!(out["x-forwarded-proto"], "http");
         assert_eq!(out["x-forwarded-host"], "example.com");

@@ -5,7 +5,7 @@
 //! channels and a boxed upgrade per handshake.
 
 use bytes::{Buf, Bytes, BytesMut};
-use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::header::{self, HeaderMap};
 use hyper::{Method, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -42,7 +42,7 @@ pub async fn exchange(
     limits: Limits,
 ) -> Result<Answer, String> {
     stream
-        .write_all(&request_head(method, path, headers))
+        .write_all(&crate::head::request_head(method, path, headers))
         .await
         .map_err(|error| format!("sending the request: {error}"))?;
     stream
@@ -72,33 +72,12 @@ pub async fn exchange(
     }
 }
 
-fn request_head(method: &Method, path: &str, headers: &HeaderMap) -> Vec<u8> {
-    let size: usize = headers
-        .iter()
-        .map(|(name, value)| name.as_str().len() + value.len() + 4)
-        .sum();
-    let mut head = Vec::with_capacity(method.as_str().len() + path.len() + size + 16);
-    for part in [
-        method.as_str().as_bytes(),
-        b" ",
-        path.as_bytes(),
-        b" HTTP/1.1\r\n",
-    ] {
-        head.extend_from_slice(part);
-    }
-    for (name, value) in headers {
-        for part in [name.as_str().as_bytes(), b": ", value.as_bytes(), b"\r\n"] {
-            head.extend_from_slice(part);
-        }
-    }
-    head.extend_from_slice(b"\r\n");
-    head
-}
-
 /// The answer head at the start of `buffer`, if it is all there; its bytes leave `buffer`.
 fn parse_head(buffer: &mut BytesMut, limits: Limits) -> Result<Option<Answer>, String> {
-    let mut slots = vec![httparse::EMPTY_HEADER; limits.max_headers];
-    let mut parsed = httparse::Response::new(&mut slots);
+    let mut on_stack = [httparse::EMPTY_HEADER; crate::head::STACK_SLOTS];
+    let mut on_heap = Vec::new();
+    let slots = crate::head::slots(&mut on_stack, &mut on_heap, limits.max_headers);
+    let mut parsed = httparse::Response::new(slots);
     let length = match parsed.parse(buffer) {
         Ok(httparse::Status::Complete(length)) => length,
         Ok(httparse::Status::Partial) => return Ok(None),
@@ -113,20 +92,16 @@ fn parse_head(buffer: &mut BytesMut, limits: Limits) -> Result<Option<Answer>, S
         .and_then(|reason| {
             hyper::ext::ReasonPhrase::try_from(Bytes::copy_from_slice(reason.as_bytes())).ok()
         });
-    let mut headers = HeaderMap::with_capacity(parsed.headers.len());
-    for field in parsed.headers.iter() {
-        let name = HeaderName::from_bytes(field.name.as_bytes())
-            .map_err(|_| format!("malformed answer: header name {:?}", field.name))?;
-        let value = HeaderValue::from_bytes(field.value)
-            .map_err(|_| format!("malformed answer: value of {name}"))?;
-        headers.append(name, value);
-    }
-    let rest = buffer.split_off(length);
+    let fields = crate::head::fields(parsed.headers, buffer)
+        .map_err(|error| format!("malformed answer: {error}"))?;
+    let head = buffer.split_to(length).freeze();
+    let headers = crate::head::header_map(&head, fields, 0)
+        .map_err(|error| format!("malformed answer: {error}"))?;
     Ok(Some(Answer {
         status,
         reason,
         headers,
-        rest,
+        rest: std::mem::take(buffer),
     }))
 }
 
@@ -248,19 +223,6 @@ mod tests {
         max_headers: 8,
         max_head_bytes: 8192,
     };
-
-    #[test]
-    fn the_request_head_carries_every_header_in_order() {
-        let mut headers = HeaderMap::new();
-        headers.insert("host", HeaderValue::from_static("example.com"));
-        headers.append("x-a", HeaderValue::from_static("1"));
-        headers.append("x-a", HeaderValue::from_static("2"));
-        let head = request_head(&Method::GET, "/ws?x=1", &headers);
-        assert_eq!(
-            head,
-            b"GET /ws?x=1 HTTP/1.1\r\nhost: example.com\r\nx-a: 1\r\nx-a: 2\r\n\r\n"
-        );
-    }
 
     #[test]
     fn a_head_is_parsed_only_when_whole_and_the_rest_is_kept() {

@@ -309,3 +309,136 @@ fn bytes_sent_with_the_request_and_with_the_101_arrive_once_in_order() {
     assert_eq!(seen.received, Ok(300_000));
     proxy.stop();
 }
+
+/// A refused upgrade is answered with the connection kept, and what follows on it is served:
+/// here a second upgrade, sent before the first answer was read, whose tunnel then carries
+/// checked bytes both ways (hyper serves the requests after the first).
+#[test]
+fn a_refused_upgrade_keeps_the_connection_for_the_next_request() {
+    let members = start_members(1);
+    let proxy = start_proxy(DataplaneMode::Userspace, &members, "byrequests", None);
+    let refused = String::from_utf8(UPGRADE.to_vec())
+        .unwrap()
+        .replace("\r\n\r\n", "\r\nx-test-status: 403\r\n\r\n");
+    let dial: Dial = std::sync::Arc::new(move |proxy| {
+        let mut stream = TcpStream::connect(proxy)?;
+        stream.write_all(refused.as_bytes())?;
+        let mut answer = [0u8; 256];
+        let mut read = 0;
+        while !answer[..read].ends_with(b"nope\n") {
+            match stream.read(&mut answer[read..])? {
+                0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                n => read += n,
+            }
+        }
+        let text = String::from_utf8_lossy(&answer[..read]);
+        assert!(text.starts_with("HTTP/1.1 403 Nope\r\n"), "{text}");
+        assert_eq!(header(&text, "connection"), None, "{text}");
+        Ok(Connection {
+            reader: Box::new(stream.try_clone()?),
+            writer: Box::new(stream),
+        })
+    });
+    let mut plan = ClientPlan::simple(3, 200_000, 200_000);
+    plan.up_with_request = 2_000;
+    plan.down_early = 1_000;
+    let report = run_client_over(&dial, proxy.addresses[0], &plan).unwrap();
+    assert!(report.head.starts_with("HTTP/1.1 101"), "{}", report.head);
+    assert_eq!(report.received, Ok(200_000));
+    let seen = wait_for_report(&members, 3, Duration::from_secs(5)).expect("the member reported");
+    assert_eq!(seen.received, Ok(200_000));
+
+    // Pipelined: both requests in one write, both answered in order.
+    let mut stream = TcpStream::connect(proxy.addresses[0]).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let first = String::from_utf8(UPGRADE.to_vec())
+        .unwrap()
+        .replace("\r\n\r\n", "\r\nx-test-status: 404\r\n\r\n");
+    stream
+        .write_all(&[first.as_bytes(), UPGRADE].concat())
+        .unwrap();
+    let mut answers = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while answers.windows(4).filter(|w| w == b"\r\n\r\n").count() < 2 {
+        let n = stream.read(&mut chunk).unwrap();
+        assert!(
+            n > 0,
+            "closed after {:?}",
+            String::from_utf8_lossy(&answers)
+        );
+        answers.extend_from_slice(&chunk[..n]);
+    }
+    let text = String::from_utf8_lossy(&answers);
+    assert!(text.starts_with("HTTP/1.1 404 Nope\r\n"), "{text}");
+    assert!(
+        text.contains("nope\nHTTP/1.1 101 Switching Protocols\r\n"),
+        "{text}"
+    );
+    proxy.stop();
+}
+
+/// `Connection: close` on a refused upgrade: the answer says so and the connection closes.
+#[test]
+fn a_refused_upgrade_asking_to_close_is_closed() {
+    let members = start_members(1);
+    let proxy = start_proxy(DataplaneMode::Userspace, &members, "byrequests", None);
+    let request = String::from_utf8(UPGRADE.to_vec())
+        .unwrap()
+        .replace("Connection: Upgrade", "Connection: Upgrade, close")
+        .replace("\r\n\r\n", "\r\nx-test-status: 403\r\n\r\n");
+    let mut stream = TcpStream::connect(proxy.addresses[0]).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).unwrap();
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 403 Nope\r\n"), "{text}");
+    assert_eq!(header(&text, "connection"), Some("close"), "{text}");
+    assert!(text.ends_with("\r\n\r\nnope\n"), "{text:?}");
+    proxy.stop();
+}
+
+/// A request that arrives a byte at a time is still read whole and upgraded.
+#[test]
+fn an_upgrade_sent_a_byte_at_a_time_is_taken() {
+    let members = start_members(1);
+    let proxy = start_proxy(DataplaneMode::Userspace, &members, "byrequests", None);
+    let dial: Dial = std::sync::Arc::new(|proxy| {
+        let stream = TcpStream::connect(proxy)?;
+        stream.set_nodelay(true)?;
+        Ok(Connection {
+            reader: Box::new(stream.try_clone()?),
+            writer: Box::new(ByteAtATime(stream)),
+        })
+    });
+    let report = run_client_over(&dial, proxy.addresses[0], &plan(4)).unwrap();
+    assert!(report.head.starts_with("HTTP/1.1 101"), "{}", report.head);
+    assert_eq!(report.received, Ok(1000));
+    proxy.stop();
+}
+
+/// Writes one byte per write(2).
+struct ByteAtATime(TcpStream);
+
+impl Write for ByteAtATime {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match buf.first() {
+            Some(byte) => self.0.write(std::slice::from_ref(byte)),
+            None => Ok(0),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+impl WriteHalf for ByteAtATime {
+    fn shutdown_write(&mut self) -> std::io::Result<()> {
+        self.0.shutdown(std::net::Shutdown::Write)
+    }
+}
