@@ -118,6 +118,26 @@ async fn answer_upgrade(
         }
         Err(response) => response,
     };
+    match write_answer(&mut stream, response, keep_alive).await {
+        Ok(()) if keep_alive => Some((stream, rest)),
+        Ok(()) => {
+            let _ = stream.shutdown().await;
+            None
+        }
+        Err(error) => {
+            tracing::debug!("client {client}: gone before the answer was sent: {error}");
+            None
+        }
+    }
+}
+
+/// Writes an answer made by the HTTP stage as hyper would: its length set, `Connection: close`
+/// when the connection closes after it.
+async fn write_answer(
+    stream: &mut Stream,
+    response: Response<Body>,
+    keep_alive: bool,
+) -> std::io::Result<()> {
     let (mut parts, body) = response.into_parts();
     // Every answer made here is whole already.
     let body = body
@@ -147,21 +167,7 @@ async fn answer_upgrade(
     if !bodiless {
         bytes.extend_from_slice(&body);
     }
-    let written = write_whole(&mut stream, &bytes).await;
-    match written {
-        Ok(()) if keep_alive => Some((stream, rest)),
-        Ok(()) => {
-            let _ = stream.shutdown().await;
-            None
-        }
-        Err(error) => {
-            tracing::debug!(
-                "client {client}: gone before the {} was sent: {error}",
-                parts.status
-            );
-            None
-        }
-    }
+    write_whole(stream, &bytes).await
 }
 
 /// Writes `bytes` and pushes them out (a TLS stream holds them until flushed).
