@@ -52,12 +52,29 @@ pub async fn serve(mut stream: Stream, client: SocketAddr, shared: Arc<Shared>, 
         };
         read = match crate::client::read_first(&mut stream, limits).await {
             FirstRequest::Upgrade(request, rest) => {
-                match answer_upgrade(stream, request, rest, client, &shared, entry).await {
-                    Some((kept, rest)) => {
+                // Boxed: the handshake's state is freed before the pair is carried, rather
+                // than kept in this task for the pair's life.
+                let answered =
+                    Box::pin(answer_upgrade(stream, request, rest, client, &shared, entry)).await;
+                match answered {
+                    Answered::Switched(pair) => {
+                        let CarriedPair {
+                            client: stream,
+                            client_early,
+                            member,
+                            member_early,
+                            lease,
+                        } = pair;
+                        Arc::clone(&shared.dataplane)
+                            .carry(stream, client_early, member, member_early, lease)
+                            .await;
+                        return;
+                    }
+                    Answered::KeptOpen(kept, rest) => {
                         stream = kept;
                         rest
                     }
-                    None => return,
+                    Answered::Closed => return,
                 }
             }
             FirstRequest::ForHyper(read) => read,
@@ -76,9 +93,27 @@ pub async fn serve(mut stream: Stream, client: SocketAddr, shared: Arc<Shared>, 
     serve_with_hyper(Rewind::new(read.freeze(), stream), client, shared, entry).await;
 }
 
-/// The first request was an upgrade: the member's 101 goes to the client in one write and the
-/// pair to the data plane, in this task. Any other answer is written whole; the connection
-/// is then given back (with the bytes read after the request) unless the client asked to close.
+/// Where answering a connection's first request, an upgrade, left the connection.
+enum Answered {
+    /// The 101 was sent: the pair is the data plane's.
+    Switched(CarriedPair),
+    /// Refused with keep-alive: the connection, and the bytes read after the request.
+    KeptOpen(Stream, BytesMut),
+    Closed,
+}
+
+/// Both legs of an upgraded pair, with the bytes each sent early.
+struct CarriedPair {
+    client: Stream,
+    client_early: Bytes,
+    member: Stream,
+    member_early: Bytes,
+    lease: Lease,
+}
+
+/// The first request was an upgrade: the member's 101 goes to the client in one write. Any
+/// other answer is written whole; the connection is then kept unless the client asked to
+/// close.
 async fn answer_upgrade(
     mut stream: Stream,
     request: Request<()>,
@@ -86,7 +121,7 @@ async fn answer_upgrade(
     client: SocketAddr,
     shared: &Arc<Shared>,
     entry: Entry,
-) -> Option<(Stream, BytesMut)> {
+) -> Answered {
     let (host, path) = host_and_path(&request);
     let keep_alive = !has_token(request.headers(), header::CONNECTION, "close");
     let outcome = match shared.router.route(host.as_deref(), &path) {
@@ -103,30 +138,27 @@ async fn answer_upgrade(
             let head = crate::head::response_head(StatusCode::SWITCHING_PROTOCOLS, None, &headers);
             if let Err(error) = write_whole(&mut stream, &head).await {
                 tracing::info!("client {client}: gone before the 101 was sent: {error}");
-                return None;
+                return Answered::Closed;
             }
-            Arc::clone(&shared.dataplane)
-                .carry(
-                    stream,
-                    rest.freeze(),
-                    switched.stream,
-                    switched.early,
-                    switched.lease,
-                )
-                .await;
-            return None;
+            return Answered::Switched(CarriedPair {
+                client: stream,
+                client_early: rest.freeze(),
+                member: switched.stream,
+                member_early: switched.early,
+                lease: switched.lease,
+            });
         }
         Err(response) => response,
     };
     match write_answer(&mut stream, response, keep_alive).await {
-        Ok(()) if keep_alive => Some((stream, rest)),
+        Ok(()) if keep_alive => Answered::KeptOpen(stream, rest),
         Ok(()) => {
             let _ = stream.shutdown().await;
-            None
+            Answered::Closed
         }
         Err(error) => {
             tracing::debug!("client {client}: gone before the answer was sent: {error}");
-            None
+            Answered::Closed
         }
     }
 }
