@@ -54,8 +54,10 @@ pub async fn serve(mut stream: Stream, client: SocketAddr, shared: Arc<Shared>, 
             FirstRequest::Upgrade(request, rest) => {
                 // Boxed: the handshake's state is freed before the pair is carried, rather
                 // than kept in this task for the pair's life.
-                let answered =
-                    Box::pin(answer_upgrade(stream, request, rest, client, &shared, entry)).await;
+                let answered = Box::pin(answer_upgrade(
+                    stream, request, rest, client, &shared, entry,
+                ))
+                .await;
                 match answered {
                     Answered::Switched(pair) => {
                         let CarriedPair {
