@@ -60,44 +60,42 @@ pub fn header_map(
 
 /// A request head for a member (origin-form path, HTTP/1.1).
 pub fn request_head(method: &Method, path: &str, headers: &HeaderMap) -> Vec<u8> {
-    let size: usize = headers
-        .iter()
-        .map(|(name, value)| name.as_str().len() + value.len() + 4)
-        .sum();
-    let mut head = Vec::with_capacity(method.as_str().len() + path.len() + size + 16);
-    for part in [
-        method.as_str().as_bytes(),
-        b" ",
-        path.as_bytes(),
-        b" HTTP/1.1\r\n",
-    ] {
-        head.extend_from_slice(part);
-    }
-    for (name, value) in headers {
-        for part in [name.as_str().as_bytes(), b": ", value.as_bytes(), b"\r\n"] {
-            head.extend_from_slice(part);
-        }
-    }
-    head.extend_from_slice(b"\r\n");
-    head
+    head(
+        &[
+            method.as_str().as_bytes(),
+            b" ",
+            path.as_bytes(),
+            b" HTTP/1.1\r\n",
+        ],
+        headers,
+    )
 }
 
 /// A response head as hyper writes it (lowercase names, no Date), body not included.
 pub fn response_head(status: StatusCode, reason: Option<&[u8]>, headers: &HeaderMap) -> Vec<u8> {
     let reason = reason.unwrap_or(status.canonical_reason().unwrap_or("").as_bytes());
-    let size: usize = headers
-        .iter()
-        .map(|(name, value)| name.as_str().len() + value.len() + 4)
-        .sum();
-    // "HTTP/1.1 ", the code, a space, two CRLFs: 17 bytes.
-    let mut head = Vec::with_capacity(size + reason.len() + 17);
-    for part in [
-        b"HTTP/1.1 ",
-        status.as_str().as_bytes(),
-        b" ",
-        reason,
-        b"\r\n",
-    ] {
+    head(
+        &[
+            b"HTTP/1.1 ",
+            status.as_str().as_bytes(),
+            b" ",
+            reason,
+            b"\r\n",
+        ],
+        headers,
+    )
+}
+
+/// The first line's parts, each header, then the empty line, in a buffer of the exact size.
+fn head(first_line: &[&[u8]], headers: &HeaderMap) -> Vec<u8> {
+    let size: usize = first_line.iter().map(|part| part.len()).sum::<usize>()
+        + headers
+            .iter()
+            .map(|(name, value)| name.as_str().len() + value.len() + 4)
+            .sum::<usize>()
+        + 2;
+    let mut head = Vec::with_capacity(size);
+    for part in first_line {
         head.extend_from_slice(part);
     }
     for (name, value) in headers {
@@ -106,6 +104,7 @@ pub fn response_head(status: StatusCode, reason: Option<&[u8]>, headers: &Header
         }
     }
     head.extend_from_slice(b"\r\n");
+    debug_assert_eq!(head.len(), size);
     head
 }
 
