@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -812,6 +813,26 @@ fn summarize(scenario: Scenario, name: &str, target: Target, samples: Vec<Sample
     }
 }
 
+/// Set by SIGINT or SIGTERM: the run stops before its next measurement, so the target is
+/// stopped and the namespace and the host's sysctl are put back by the usual drops.
+static STOPPING: AtomicBool = AtomicBool::new(false);
+
+/// Takes over SIGINT and SIGTERM (whose default would skip every clean-up) for `STOPPING`.
+async fn stop_on_signal() -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
+        }
+        eprintln!("wsplice-bench: stopping after the current measurement, then cleaning up");
+        STOPPING.store(true, Ordering::SeqCst);
+    });
+    Ok(())
+}
+
 /// Marks the result lines on the VM's console (`cargo xtask bench --vm` collects them).
 const VM_RESULT_PREFIX: &str = "WSPLICE-RESULT ";
 
@@ -854,13 +875,14 @@ fn main() -> Result<()> {
     } = clap::Parser::parse();
     let runs = rounds.map_or(if quick { 1 } else { 3 }, usize::from);
     let seconds = if quick { 3 } else { 8 };
-    // Loopback is the default; --netns gives the proxy's receive processing its own core.
-    let netns = if netns { Some(Netns::set_up()?) } else { None };
-    let topology = if netns.is_some() { NETNS } else { LOOPBACK };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()?;
+    runtime.block_on(stop_on_signal())?;
+    // Loopback is the default; --netns gives the proxy's receive processing its own core.
+    let netns = if netns { Some(Netns::set_up()?) } else { None };
+    let topology = if netns.is_some() { NETNS } else { LOOPBACK };
     let member_addresses: Vec<SocketAddr> = MEMBER_PORTS
         .iter()
         .map(|p| SocketAddr::from((topology.members, *p)))
@@ -974,6 +996,9 @@ fn main() -> Result<()> {
         let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); chosen.len()];
         for _ in 0..runs {
             for (index, &target) in chosen.iter().enumerate() {
+                if STOPPING.load(Ordering::SeqCst) {
+                    bail!("stopped by a signal; nothing written");
+                }
                 let sample = bench.measure(scenario, &name, target, tls)?;
                 samples[index].push(sample);
             }
