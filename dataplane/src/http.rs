@@ -59,14 +59,13 @@ pub async fn serve(mut stream: Stream, client: SocketAddr, shared: Arc<Shared>, 
                 ))
                 .await;
                 match answered {
-                    Answered::Switched(pair) => {
-                        let CarriedPair {
-                            client: stream,
-                            client_early,
-                            member,
-                            member_early,
-                            lease,
-                        } = pair;
+                    Answered::Switched(CarriedPair {
+                        client: stream,
+                        client_early,
+                        member,
+                        member_early,
+                        lease,
+                    }) => {
                         Arc::clone(&shared.dataplane)
                             .carry(stream, client_early, member, member_early, lease)
                             .await;
@@ -121,7 +120,7 @@ async fn answer_upgrade(
     request: Request<()>,
     rest: BytesMut,
     client: SocketAddr,
-    shared: &Arc<Shared>,
+    shared: &Shared,
     entry: Entry,
 ) -> Answered {
     let (host, path) = host_and_path(&request);
@@ -132,12 +131,11 @@ async fn answer_upgrade(
     };
     let response = match outcome {
         Ok(switched) => {
-            let mut headers = switched.headers;
-            if let Some(cookie) = switched.route_cookie {
-                headers.append(header::SET_COOKIE, cookie);
-            }
-            shared.stats.upgrades.fetch_add(1, Ordering::Relaxed);
-            let head = crate::head::response_head(StatusCode::SWITCHING_PROTOCOLS, None, &headers);
+            let head = crate::head::response_head(
+                StatusCode::SWITCHING_PROTOCOLS,
+                None,
+                &switched.headers,
+            );
             if let Err(error) = write_whole(&mut stream, &head).await {
                 tracing::info!("client {client}: gone before the 101 was sent: {error}");
                 return Answered::Closed;
@@ -377,11 +375,7 @@ async fn handle(
     let mut response = Response::new(Empty::new().map_err(|never| match never {}).boxed());
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     *response.headers_mut() = switched.headers;
-    if let Some(cookie) = switched.route_cookie {
-        response.headers_mut().append(header::SET_COOKIE, cookie);
-    }
     let dataplane = Arc::clone(&shared.dataplane);
-    shared.stats.upgrades.fetch_add(1, Ordering::Relaxed);
     tokio::spawn(async move {
         let upgraded = match client_upgrade.await {
             Ok(upgraded) => upgraded,
@@ -478,19 +472,22 @@ async fn upgrade<B>(
         }
         Ok(Err(failure)) => Err(failure.response(client, cluster)),
         Ok(Ok(MemberAnswer::Other(response))) => Err(response),
-        Ok(Ok(MemberAnswer::Switched(switched))) => Ok(switched),
+        Ok(Ok(MemberAnswer::Switched(switched))) => {
+            shared.stats.upgrades.fetch_add(1, Ordering::Relaxed);
+            Ok(switched)
+        }
     }
 }
 
 /// The member's side of a successful upgrade.
 struct Switched {
+    /// The 101's headers for the client: the member's, and the route cookie's `Set-Cookie`
+    /// when the client needs one.
     headers: HeaderMap,
     stream: Stream,
     /// Bytes the member sent right after its 101.
     early: Bytes,
     lease: Lease,
-    /// `Set-Cookie` for the route cookie, when the client needs one.
-    route_cookie: Option<HeaderValue>,
 }
 
 enum MemberAnswer {
@@ -698,19 +695,20 @@ async fn upgrade_member(
             ));
         }
         // A client without a usable route learns its member's.
-        let route_cookie = match (&cluster.sticky_cookie, picked.sticky) {
-            (Some(cookie), false) => crate::balancer::lock(&cluster.balancer)
+        if let (Some(cookie), false) = (&cluster.sticky_cookie, picked.sticky) {
+            let set_cookie = crate::balancer::lock(&cluster.balancer)
                 .route(index)
                 .map(|route| crate::router::route_cookie(cookie, route))
-                .and_then(|value| HeaderValue::from_str(&value).ok()),
-            _ => None,
-        };
+                .and_then(|value| HeaderValue::from_str(&value).ok());
+            if let Some(set_cookie) = set_cookie {
+                answer.headers.append(header::SET_COOKIE, set_cookie);
+            }
+        }
         return Ok(MemberAnswer::Switched(Switched {
             headers: answer.headers,
             stream,
             early: answer.rest.freeze(),
             lease,
-            route_cookie,
         }));
     };
     Err(Failure::of(no_member, reasons))
