@@ -136,10 +136,7 @@ fn no_route_gets_404() {
 fn a_non_101_answer_reaches_the_client_as_it_is() {
     let members = start_members(1);
     let proxy = start_proxy(DataplaneMode::Userspace, &members, "byrequests", None);
-    let (status, text) = raw_exchange(
-        proxy.addresses[0],
-        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nx-test-status: 403\r\n\r\n",
-    );
+    let (status, text) = raw_exchange(proxy.addresses[0], refused_upgrade(403).as_bytes());
     assert_eq!(status, "HTTP/1.1 403 Nope");
     assert!(text.ends_with("nope\n"), "{text:?}");
     proxy.stop();
@@ -163,6 +160,12 @@ fn scripted_member(answers: Vec<Vec<u8>>) -> std::net::SocketAddr {
         }
     });
     address
+}
+
+/// An upgrade the test member answers with `status` (and the body "nope\n").
+fn refused_upgrade(status: u16) -> String {
+    String::from_utf8_lossy(UPGRADE)
+        .replace("\r\n\r\n", &format!("\r\nx-test-status: {status}\r\n\r\n"))
 }
 
 const UPGRADE: &[u8] = b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
@@ -317,9 +320,7 @@ fn bytes_sent_with_the_request_and_with_the_101_arrive_once_in_order() {
 fn a_refused_upgrade_keeps_the_connection_for_the_next_request() {
     let members = start_members(1);
     let proxy = start_proxy(DataplaneMode::Userspace, &members, "byrequests", None);
-    let refused = String::from_utf8(UPGRADE.to_vec())
-        .unwrap()
-        .replace("\r\n\r\n", "\r\nx-test-status: 403\r\n\r\n");
+    let refused = refused_upgrade(403);
     let dial: Dial = std::sync::Arc::new(move |proxy| {
         let mut stream = TcpStream::connect(proxy)?;
         stream.write_all(refused.as_bytes())?;
@@ -353,9 +354,7 @@ fn a_refused_upgrade_keeps_the_connection_for_the_next_request() {
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
-    let first = String::from_utf8(UPGRADE.to_vec())
-        .unwrap()
-        .replace("\r\n\r\n", "\r\nx-test-status: 404\r\n\r\n");
+    let first = refused_upgrade(404);
     stream
         .write_all(&[first.as_bytes(), UPGRADE].concat())
         .unwrap();
@@ -384,10 +383,7 @@ fn a_refused_upgrade_keeps_the_connection_for_the_next_request() {
 fn a_refused_upgrade_asking_to_close_is_closed() {
     let members = start_members(1);
     let proxy = start_proxy(DataplaneMode::Userspace, &members, "byrequests", None);
-    let request = String::from_utf8(UPGRADE.to_vec())
-        .unwrap()
-        .replace("Connection: Upgrade", "Connection: Upgrade, close")
-        .replace("\r\n\r\n", "\r\nx-test-status: 403\r\n\r\n");
+    let request = refused_upgrade(403).replace("Connection: Upgrade", "Connection: Upgrade, close");
     let mut stream = TcpStream::connect(proxy.addresses[0]).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
