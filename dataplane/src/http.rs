@@ -577,62 +577,102 @@ fn forwarded_headers(mut headers: HeaderMap, client: SocketAddr, tls: bool) -> H
     headers
 }
 
-async fn connect(address: SocketAddr, settings: &ServerSettings) -> Result<TcpStream, String> {
-    let timeout = settings.connect_timeout;
-    let socket = if address.is_ipv6() {
-        tokio::net::TcpSocket::new_v6()
-    } else {
-        tokio::net::TcpSocket::new_v4()
-    };
+/// Starts a connection to a member; it may still be on its way up when this returns.
+fn start_connect(address: SocketAddr, settings: &ServerSettings) -> Result<TcpStream, String> {
     let (receive, send) = settings.socket_buffers();
-    let socket = socket
-        .and_then(|socket| {
-            socket.set_recv_buffer_size(receive as u32)?;
-            socket.set_send_buffer_size(send as u32)?;
-            Ok(socket)
-        })
-        .map_err(|error| format!("{address}: socket: {error}"))?;
-    match tokio::time::timeout(timeout, socket.connect(address)).await {
-        Ok(Ok(stream)) => {
-            let _ = stream.set_nodelay(true);
-            Ok(stream)
+    let started = socket2::Socket::new(
+        socket2::Domain::for_address(address),
+        socket2::Type::STREAM.nonblocking(),
+        Some(socket2::Protocol::TCP),
+    )
+    .and_then(|socket| {
+        socket.set_recv_buffer_size(receive)?;
+        socket.set_send_buffer_size(send)?;
+        socket.set_tcp_nodelay(true)?;
+        match socket.connect(&address.into()) {
+            Err(error) if error.raw_os_error() != Some(libc::EINPROGRESS) => Err(error),
+            _ => TcpStream::from_std(socket.into()),
         }
+    });
+    started.map_err(|error| format!("{address}: {error}"))
+}
+
+/// Waits, at most `connect_timeout`, until a started connection is up.
+async fn connected(
+    stream: &TcpStream,
+    address: SocketAddr,
+    settings: &ServerSettings,
+) -> Result<(), String> {
+    let timeout = settings.connect_timeout;
+    match tokio::time::timeout(timeout, stream.writable()).await {
+        Ok(Ok(())) => match stream.take_error() {
+            Ok(None) => Ok(()),
+            Ok(Some(error)) | Err(error) => Err(format!("{address}: {error}")),
+        },
         Ok(Err(error)) => Err(format!("{address}: {error}")),
         Err(_) => Err(format!("{address}: connect timed out after {timeout:?}")),
     }
 }
 
-/// Connects to a member; for wss://, also the TLS handshake, its certificate verified.
-/// Connects to a member; a wss:// member's TLS ends in kernel TLS when `kernel_tls` (the
-/// tunnel is then spliced), in rustls otherwise.
+/// Connects to a member (for wss://, also the TLS handshake, its certificate verified) and
+/// sends it `head`. A wss:// member's TLS ends in kernel TLS when `kernel_tls` (the tunnel is
+/// then spliced), in rustls otherwise.
 async fn open_member(
     member: &Member,
     settings: &ServerSettings,
     kernel_tls: bool,
+    head: &[u8],
 ) -> Result<Stream, String> {
-    let stream = connect(member.address, settings).await?;
+    let address = member.address;
+    let stream = start_connect(address, settings)?;
     let Some(tls) = &member.tls else {
-        return Ok(Stream::Plain(stream));
+        // A near member's connection is up by the time connect returns: the head goes out
+        // at once instead of after the reactor has seen the socket writable.
+        let sent = match socket2::SockRef::from(&stream).send(head) {
+            Ok(sent) => sent,
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                connected(&stream, address, settings).await?;
+                0
+            }
+            Err(error) => return Err(format!("{address}: {error}")),
+        };
+        let mut stream = Stream::Plain(stream);
+        send_head(&mut stream, &head[sent..], member).await?;
+        return Ok(stream);
     };
-    if kernel_tls {
+    connected(&stream, address, settings).await?;
+    let mut stream = if kernel_tls {
         let connected = crate::tls::connect_kernel_tls(
             std::sync::Arc::clone(&tls.config),
             tls.server_name.clone(),
             stream,
         );
-        return match tokio::time::timeout(settings.handshake_timeout, connected).await {
-            Ok(Ok(stream)) => Ok(Stream::Ktls(stream)),
-            Ok(Err(error)) => Err(format!("{}: TLS: {error}", member.url)),
-            Err(_) => Err(format!(
-                "{}: TLS: no handshake within {:?}",
-                member.url, settings.handshake_timeout
-            )),
-        };
-    }
-    match tls.connector.connect(tls.server_name.clone(), stream).await {
-        Ok(stream) => Ok(Stream::Tls(Box::new(stream.into()))),
-        Err(error) => Err(format!("{}: TLS: {error}", member.url)),
-    }
+        match tokio::time::timeout(settings.handshake_timeout, connected).await {
+            Ok(Ok(stream)) => Stream::Ktls(stream),
+            Ok(Err(error)) => return Err(format!("{}: TLS: {error}", member.url)),
+            Err(_) => {
+                return Err(format!(
+                    "{}: TLS: no handshake within {:?}",
+                    member.url, settings.handshake_timeout
+                ));
+            }
+        }
+    } else {
+        match tls.connector.connect(tls.server_name.clone(), stream).await {
+            Ok(stream) => Stream::Tls(Box::new(stream.into())),
+            Err(error) => return Err(format!("{}: TLS: {error}", member.url)),
+        }
+    };
+    send_head(&mut stream, head, member).await?;
+    Ok(stream)
+}
+
+async fn send_head(stream: &mut Stream, head: &[u8], member: &Member) -> Result<(), String> {
+    let sent = match stream.write_all(head).await {
+        Ok(()) => stream.flush().await,
+        Err(error) => Err(error),
+    };
+    sent.map_err(|error| format!("{}: sending the request: {error}", member.url))
 }
 
 /// Tries members in balancer order, each at most once, until one answers.
@@ -647,6 +687,8 @@ async fn upgrade_member(
     let mut tried = vec![false; cluster.members.len()];
     let mut reasons = Vec::new();
     let (route, hash) = affinity(cluster, headers, path, client);
+    // One head for every member tried.
+    let head = crate::head::request_head(method, path, headers);
     let no_member = loop {
         let request = PickRequest {
             now_ms: shared.router.now_ms(),
@@ -661,7 +703,7 @@ async fn upgrade_member(
         tried[index] = true;
         let member = &cluster.members[index];
         let kernel_tls = shared.dataplane.kernel_tls_carried();
-        let mut stream = match open_member(member, &shared.settings, kernel_tls).await {
+        let mut stream = match open_member(member, &shared.settings, kernel_tls, &head).await {
             Ok(stream) => stream,
             Err(reason) => {
                 member_failed(cluster, index, &reason, shared);
@@ -673,17 +715,16 @@ async fn upgrade_member(
             max_headers: shared.settings.max_headers,
             max_head_bytes: shared.settings.max_header_bytes,
         };
-        let mut answer =
-            match crate::member::exchange(&mut stream, method, path, headers, limits).await {
-                Ok(answer) => answer,
-                Err(error) => {
-                    // Nothing usable was answered: the next member may take the same request.
-                    let reason = format!("{}: {error}", member.url);
-                    member_failed(cluster, index, &reason, shared);
-                    reasons.push(reason);
-                    continue;
-                }
-            };
+        let mut answer = match crate::member::read_answer(&mut stream, limits).await {
+            Ok(answer) => answer,
+            Err(error) => {
+                // Nothing usable was answered: the next member may take the same request.
+                let reason = format!("{}: {error}", member.url);
+                member_failed(cluster, index, &reason, shared);
+                reasons.push(reason);
+                continue;
+            }
+        };
         if answer.status != StatusCode::SWITCHING_PROTOCOLS {
             tracing::info!(
                 "member {} answered the upgrade with {}",
@@ -852,7 +893,8 @@ async fn proxy_plain(
         let index = lease.member();
         tried[index] = true;
         let member = &cluster.members[index];
-        let stream = match open_member(member, &shared.settings, false).await {
+        // Hyper sends the request: only the connection is made here.
+        let stream = match open_member(member, &shared.settings, false, &[]).await {
             Ok(stream) => stream,
             Err(reason) => {
                 member_failed(cluster, index, &reason, shared);

@@ -1,13 +1,14 @@
-//! The member's side of the HTTP stage: the upgrade request goes out in one write and the
-//! answer's head is parsed with httparse. After a 101 the stream and the bytes that came with
+//! The member's side of the HTTP stage: the upgrade request goes out in one write (sent by
+//! `http::open_member` as soon as the connection allows) and the answer's head is parsed with
+//! httparse. After a 101 the stream and the bytes that came with
 //! the head go to the data plane; any other answer (an error page, as a rule) is read whole and
 //! goes to the client. Written here rather than through hyper's client, which costs a task,
 //! channels and a boxed upgrade per handshake.
 
 use bytes::{Buf, Bytes, BytesMut};
+use hyper::StatusCode;
 use hyper::header::{self, HeaderMap};
-use hyper::{Method, StatusCode};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 
 use crate::tls::Stream;
 
@@ -32,23 +33,9 @@ pub struct Limits {
     pub max_head_bytes: usize,
 }
 
-/// Sends the request head and reads the answer's head. An error means nothing usable was
-/// answered, so the request may go to the next member.
-pub async fn exchange(
-    stream: &mut Stream,
-    method: &Method,
-    path: &str,
-    headers: &HeaderMap,
-    limits: Limits,
-) -> Result<Answer, String> {
-    stream
-        .write_all(&crate::head::request_head(method, path, headers))
-        .await
-        .map_err(|error| format!("sending the request: {error}"))?;
-    stream
-        .flush()
-        .await
-        .map_err(|error| format!("sending the request: {error}"))?;
+/// Reads the answer's head to the request the member was sent. An error means nothing usable
+/// was answered, so the request may go to the next member.
+pub async fn read_answer(stream: &mut Stream, limits: Limits) -> Result<Answer, String> {
     let mut buffer = BytesMut::with_capacity(4096);
     loop {
         if let Some(answer) = parse_head(&mut buffer, limits)? {
