@@ -6,12 +6,12 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::tcp::{ReadHalf, WriteHalf};
 
 use crate::balancer::Lease;
 
@@ -183,39 +183,30 @@ enum TrialEnd {
 /// closes sooner (a reconnect storm, a health check) is carried to its end here and never
 /// costs a sockmap set-up. A pair holds a buffer only while its destination is behind.
 pub async fn carry_on_trial(
-    client: TcpStream,
-    member: TcpStream,
+    mut client: TcpStream,
+    mut member: TcpStream,
     lease: Lease,
     stats: &RelayStats,
     idle_timeout: Option<std::time::Duration>,
     offload_after: std::time::Duration,
 ) -> Option<(TcpStream, TcpStream, Lease)> {
     let until = tokio::time::Instant::now() + offload_after;
-    let (failed, _) = tokio::sync::watch::channel(false);
-    let one_ended = std::sync::atomic::AtomicBool::new(false);
-    let ends = Ends {
-        failed: &failed,
-        one_ended: &one_ended,
+    let ends = Ends::default();
+    let trial = {
+        let (mut client_read, mut client_write) = client.split();
+        let (mut member_read, mut member_write) = member.split();
+        let both_ways = async {
+            tokio::join!(
+                trial_direction(&mut client_read, &mut member_write, until, &ends, stats),
+                trial_direction(&mut member_read, &mut client_write, until, &ends, stats),
+            )
+        };
+        tokio::select! {
+            ends = both_ways => Some(ends),
+            () = marked_down(&lease) => None,
+        }
     };
-    let (mut client_read, mut client_write) = client.into_split();
-    let (mut member_read, mut member_write) = member.into_split();
-    let both_ways = async {
-        tokio::join!(
-            trial_direction(&mut client_read, &mut member_write, until, ends, stats),
-            trial_direction(&mut member_read, &mut client_write, until, ends, stats),
-        )
-    };
-    let ends = tokio::select! {
-        ends = both_ways => Some(ends),
-        () = marked_down(&lease) => None,
-    };
-    let (Ok(mut client), Ok(mut member)) = (
-        client_read.reunite(client_write),
-        member_read.reunite(member_write),
-    ) else {
-        unreachable!("each pair of halves comes from one stream")
-    };
-    let closing = match ends {
+    let closing = match trial {
         None => Some("its member was marked down"),
         Some(((up_end, up), (down_end, down))) => {
             lease.record_traffic(up + down);
@@ -256,7 +247,7 @@ thread_local! {
 /// Reads what `source` holds. A short read emptied the socket, so its readiness is cleared
 /// then: the next wait goes to epoll instead of to a read that would find nothing. (A byte
 /// arriving after the read is a new edge for epoll, so nothing is missed.)
-fn read_draining(source: &OwnedReadHalf, buffer: &mut [u8]) -> io::Result<usize> {
+fn read_draining(source: &ReadHalf<'_>, buffer: &mut [u8]) -> io::Result<usize> {
     let capacity = buffer.len();
     let mut read = None;
     let outcome = source.as_ref().try_io(tokio::io::Interest::READABLE, || {
@@ -281,33 +272,57 @@ enum TrialRead {
     End(TrialEnd),
 }
 
-/// What the two directions of a trial tell each other.
-#[derive(Clone, Copy)]
-struct Ends<'a> {
+/// What the two directions of a trial tell each other. Both run on the pair's one task.
+#[derive(Default)]
+struct Ends {
     /// Set by a direction that failed; the other stops.
-    failed: &'a tokio::sync::watch::Sender<bool>,
+    failed: AtomicBool,
     /// Set by the first direction to read its FIN.
-    one_ended: &'a std::sync::atomic::AtomicBool,
+    one_ended: AtomicBool,
+}
+
+impl Ends {
+    /// Tells the other direction to stop: it is polled again when the pair's task wakes.
+    async fn fail(&self) {
+        self.failed.store(true, Ordering::Relaxed);
+        std::future::poll_fn(|context| {
+            context.waker().wake_by_ref();
+            Poll::Ready(())
+        })
+        .await;
+    }
+
+    /// Ready once the other direction has failed. It registers no waker: `fail` wakes the
+    /// task, and `tokio::join!` polls every unfinished direction each time the task runs.
+    async fn other_failed(&self) {
+        std::future::poll_fn(|_| {
+            if self.failed.load(Ordering::Relaxed) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await;
+    }
 }
 
 /// One direction of a trial; returns how it ended and the bytes it moved.
 async fn trial_direction(
-    source: &mut OwnedReadHalf,
-    destination: &mut OwnedWriteHalf,
+    source: &mut ReadHalf<'_>,
+    destination: &mut WriteHalf<'_>,
     until: tokio::time::Instant,
-    ends: Ends<'_>,
+    ends: &Ends,
     stats: &RelayStats,
 ) -> (TrialEnd, u64) {
-    let mut other_failed = ends.failed.subscribe();
+    // One timer for the whole trial, not one per wait.
+    let lived = tokio::time::sleep_until(until);
+    tokio::pin!(lived);
     let mut moved = 0;
     let end = loop {
-        if *other_failed.borrow_and_update() {
-            return (TrialEnd::Stopped, moved);
-        }
         tokio::select! {
             biased;
-            () = tokio::time::sleep_until(until) => return (TrialEnd::Lived, moved),
-            _ = other_failed.changed() => continue,
+            () = ends.other_failed() => return (TrialEnd::Stopped, moved),
+            () = &mut lived => return (TrialEnd::Lived, moved),
             ready = source.readable() => if ready.is_err() {
                 break TrialEnd::Failed;
             },
@@ -349,6 +364,6 @@ async fn trial_direction(
             }
         }
     };
-    ends.failed.send_replace(true);
+    ends.fail().await;
     (end, moved)
 }
