@@ -55,8 +55,14 @@ pub async fn read_first(stream: &mut Stream, limits: Limits) -> FirstRequest {
                 }
                 Parsed::Partial => {}
             }
-            buffer.reserve(4096);
-            match stream.read_buf(&mut buffer).await {
+            let read = match read_now(stream, &mut buffer) {
+                Some(read) => read,
+                None => {
+                    buffer.reserve(4096);
+                    stream.read_buf(&mut buffer).await
+                }
+            };
+            match read {
                 Ok(0) if buffer.is_empty() => {
                     return FirstRequest::Gone("closed before sending a request".into());
                 }
@@ -70,6 +76,32 @@ pub async fn read_first(stream: &mut Stream, limits: Limits) -> FirstRequest {
     tokio::time::timeout(limits.timeout, reading)
         .await
         .unwrap_or(FirstRequest::Stalled(limits.timeout))
+}
+
+/// A plain client has as a rule sent its request by the time it is accepted: it is read at
+/// once rather than after the reactor has reported the socket readable, which costs the task
+/// a round through the scheduler. `None` when nothing is there yet, when the stream is TLS, or
+/// after the first read (a head that comes in pieces waits for the reactor).
+fn read_now(stream: &Stream, buffer: &mut BytesMut) -> Option<io::Result<usize>> {
+    let (Stream::Plain(tcp), true) = (stream, buffer.is_empty()) else {
+        return None;
+    };
+    let start = buffer.len();
+    buffer.resize(start + 4096, 0);
+    let socket = socket2::SockRef::from(tcp);
+    let read = io::Read::read(&mut &*socket, &mut buffer[start..]);
+    buffer.truncate(start + *read.as_ref().unwrap_or(&0));
+    match read {
+        Err(error)
+            if matches!(
+                error.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+            ) =>
+        {
+            None
+        }
+        read => Some(read),
+    }
 }
 
 #[allow(clippy::large_enum_variant)] // as for FirstRequest
