@@ -578,7 +578,13 @@ fn forwarded_headers(mut headers: HeaderMap, client: SocketAddr, tls: bool) -> H
 }
 
 /// Starts a connection to a member; it may still be on its way up when this returns.
-fn start_connect(address: SocketAddr, settings: &ServerSettings) -> Result<TcpStream, String> {
+/// `sending_at_once`: the caller writes as soon as the connection is up, so the handshake's
+/// last ACK is held back to leave with those bytes (a packet fewer).
+fn start_connect(
+    address: SocketAddr,
+    settings: &ServerSettings,
+    sending_at_once: bool,
+) -> Result<TcpStream, String> {
     let (receive, send) = settings.socket_buffers();
     let started = socket2::Socket::new(
         socket2::Domain::for_address(address),
@@ -589,6 +595,9 @@ fn start_connect(address: SocketAddr, settings: &ServerSettings) -> Result<TcpSt
         socket.set_recv_buffer_size(receive)?;
         socket.set_send_buffer_size(send)?;
         socket.set_tcp_nodelay(true)?;
+        if sending_at_once {
+            socket.set_tcp_quickack(false)?;
+        }
         match socket.connect(&address.into()) {
             Err(error) if error.raw_os_error() != Some(libc::EINPROGRESS) => Err(error),
             _ => TcpStream::from_std(socket.into()),
@@ -624,7 +633,7 @@ async fn open_member(
     head: &[u8],
 ) -> Result<Stream, String> {
     let address = member.address;
-    let stream = start_connect(address, settings)?;
+    let stream = start_connect(address, settings, member.tls.is_none() && !head.is_empty())?;
     let Some(tls) = &member.tls else {
         // A near member's connection is up by the time connect returns: the head goes out
         // at once instead of after the reactor has seen the socket writable.

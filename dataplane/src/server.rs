@@ -98,6 +98,9 @@ fn reuseport_listener(
     }
     socket.bind(&address.into())?;
     socket.listen(4096)?;
+    // Accepted sockets start with delayed ACKs, so the ACK of a request (or of a TLS
+    // ClientHello) goes out with the answer rather than as a packet of its own.
+    socket.set_tcp_quickack(false)?;
     socket.set_nonblocking(true)?;
     Ok(socket.into())
 }
@@ -367,14 +370,16 @@ fn spawn_certificate_reloader(
 mod tests {
     use super::*;
 
-    /// TCP_NODELAY is set on the listener only: every accepted socket must have inherited it.
+    /// TCP_NODELAY and delayed ACKs are set on the listener only: every accepted socket must
+    /// have inherited them.
     #[test]
-    fn accepted_sockets_inherit_nodelay_from_the_listener() {
+    fn accepted_sockets_inherit_nodelay_and_delayed_acks_from_the_listener() {
         let listener =
             reuseport_listener(SocketAddr::from(([127, 0, 0, 1], 0)), (65536, 65536)).unwrap();
         listener.set_nonblocking(false).unwrap();
         let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (accepted, _) = listener.accept().unwrap();
         assert!(accepted.nodelay().unwrap());
+        assert!(!socket2::SockRef::from(&accepted).tcp_quickack().unwrap());
     }
 }
