@@ -39,6 +39,11 @@ fn main() {
             println!(
                 "cargo:warning=BPF verdict not built ({clang}: {error}); install clang and libbpf-dev for the sockmap data plane"
             );
+            // Cargo reruns a script while a file it watches is missing; this one never exists,
+            // so the object gets built by the first build after clang is installed (watching
+            // clang itself would not do: packages keep their files' old times).
+            let never_created = out.with_file_name("rerun-until-clang-is-found");
+            println!("cargo:rerun-if-changed={}", never_created.display());
             std::fs::write(&out, b"").expect("write an empty BPF object");
         }
     }

@@ -676,6 +676,7 @@ async fn open_member(
     Ok(stream)
 }
 
+/// Writes the upgrade request's head to a member whose connection (and TLS) is up.
 async fn send_head(stream: &mut Stream, head: &[u8], member: &Member) -> Result<(), String> {
     let sent = match stream.write_all(head).await {
         Ok(()) => stream.flush().await,

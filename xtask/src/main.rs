@@ -2,9 +2,10 @@
 //!
 //! - `cargo xtask test`: the gate (fmt, clippy), every plain test, then the data-plane and TLS
 //!   tests (real sockets, real BPF as root) single-threaded in release, then the data-plane
-//!   suite in a VM on Debian's stock kernel (installs qemu-system-x86, linux-image-amd64 and
-//!   busybox-static if missing), then the kernel TLS tests on a newer Debian kernel (fetched
-//!   from trixie-backports into target/vm). Fails, never skips, when a prerequisite is missing.
+//!   suite in a VM on Debian's stock kernel, then the kernel TLS tests on a newer Debian kernel
+//!   (fetched from trixie-backports into target/vm). Installs the Debian packages it needs
+//!   (clang, libbpf-dev, qemu-system-x86, linux-image-amd64, busybox-static) when missing;
+//!   fails, never skips, when a prerequisite cannot be had.
 //! - `cargo xtask bench [--quick] [--only TARGETS] [--scenario NAME] [--rounds N] [--netns]`: wsplice
 //!   against nginx, HAProxy and Apache; `--vm [--newer-kernel]`: the rustls relay against
 //!   kernel TLS + splice for wss://, inside the test VM.
@@ -55,17 +56,41 @@ fn is_root() -> bool {
         .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).trim() == "0")
 }
 
-fn has_clang() -> bool {
-    Command::new("clang")
-        .arg("--version")
-        .output()
-        .is_ok_and(|out| out.status.success())
+/// Debian packages that build the sockmap data plane, by the file that shows each is there.
+const BUILD_PACKAGES: [(&str, &str); 3] = [
+    ("/usr/bin/clang", "clang"),
+    ("/usr/include/bpf/bpf_helpers.h", "libbpf-dev"),
+    ("/usr/include/linux/bpf.h", "linux-libc-dev"),
+];
+
+/// Installs with apt-get whichever of `packages` (file that shows it, package) is missing, and
+/// returns what it installed.
+fn install_missing<'a>(packages: &[(&str, &'a str)], purpose: &str) -> Result<Vec<&'a str>> {
+    let missing: Vec<&str> = packages
+        .iter()
+        .filter(|(file, _)| !Path::new(file).exists())
+        .map(|(_, package)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(missing);
+    }
+    if !is_root() {
+        bail!(
+            "{} missing ({purpose}): install them as root",
+            missing.join(" ")
+        );
+    }
+    eprintln!("xtask: installing {} ({purpose})", missing.join(" "));
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    Ok(missing)
 }
 
 fn build_ebpf() -> Result<()> {
-    if !has_clang() {
-        bail!("clang is missing: install Debian's clang and libbpf-dev");
-    }
+    install_missing(&BUILD_PACKAGES, "to build the BPF verdict")?;
     let out_dir = workspace_root().join("target/bpf");
     std::fs::create_dir_all(&out_dir)?;
     let arch_include = format!("-I/usr/include/{}-linux-gnu", std::env::consts::ARCH);
@@ -88,14 +113,10 @@ fn build_ebpf() -> Result<()> {
 }
 
 fn test() -> Result<()> {
-    if !has_clang() {
-        bail!(
-            "clang is missing: the sockmap data plane cannot be built (install clang and libbpf-dev; .ci/run does)"
-        );
-    }
     if !is_root() {
         bail!("the data-plane tests load BPF programs and need root; run `sudo cargo xtask test`");
     }
+    install_missing(&BUILD_PACKAGES, "to build the sockmap data plane")?;
     run(cargo().args(["fmt", "--all", "--check"]))?;
     run(cargo().args([
         "clippy",
@@ -262,31 +283,17 @@ fn bench(extra: &[String]) -> Result<()> {
     if !is_root() {
         bail!("the benchmark loads BPF and starts nginx/HAProxy/Apache: run it as root");
     }
-    let missing: Vec<&str> = [
-        ("haproxy", "haproxy"),
-        ("nginx", "nginx"),
-        ("apache2", "apache2"),
+    install_missing(&BUILD_PACKAGES, "to build the sockmap data plane")?;
+    let peers = [
+        ("/usr/sbin/haproxy", "haproxy"),
+        ("/usr/sbin/nginx", "nginx"),
+        ("/usr/sbin/apache2", "apache2"),
         // --netns turns on veth's NAPI path.
-        ("ethtool", "ethtool"),
-    ]
-    .into_iter()
-    .filter(|(binary, _)| {
-        !Command::new("which")
-            .arg(binary)
-            .output()
-            .is_ok_and(|o| o.status.success())
-    })
-    .map(|(_, package)| package)
-    .collect();
-    if !missing.is_empty() {
-        run(Command::new("apt-get").arg("update").arg("-qq"))?;
-        run(Command::new("apt-get")
-            .args(["install", "-y", "-qq"])
-            .args(&missing))?;
-        // The packages start their default services; the benchmark runs its own.
-        for service in &missing {
-            let _ = Command::new("systemctl").args(["stop", service]).status();
-        }
+        ("/usr/sbin/ethtool", "ethtool"),
+    ];
+    // The packages start their default services; the benchmark runs its own.
+    for service in install_missing(&peers, "the benchmark's peers")? {
+        let _ = Command::new("systemctl").args(["stop", service]).status();
     }
     run(cargo().args(["build", "--release", "-p", "wsplice", "-p", "wsplice-bench"]))?;
     // The load and the echo members on core 1; each target pins itself to core 0.

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::{run, workspace_root};
+use crate::{install_missing, run, workspace_root};
 
 const MARKER: &str = "WSPLICE-VM-EXIT=";
 
@@ -37,20 +37,7 @@ const MODULES: [&str; 6] = [
 ];
 
 pub fn ensure_packages() -> Result<()> {
-    let missing: Vec<&str> = PACKAGES
-        .iter()
-        .filter(|(file, _)| !Path::new(file).exists())
-        .map(|(_, package)| *package)
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    eprintln!("xtask: installing {} for the VM tests", missing.join(" "));
-    run(Command::new("apt-get").args(["update", "-qq"]))?;
-    run(Command::new("apt-get")
-        .args(["install", "-y", "-qq", "--no-install-recommends"])
-        .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive"))
+    install_missing(&PACKAGES, "for the VM tests").map(drop)
 }
 
 /// A kernel the VM boots: its version, its image, and the directory whose `lib/modules` holds
