@@ -266,7 +266,7 @@ fn tls_directives(name: &str, tls: Option<&BenchTls>) -> (String, String) {
 
 fn fill_template(
     name: &str,
-    method: Method,
+    scenario: Scenario,
     tls: Option<&BenchTls>,
     dir: &Path,
     topology: Topology,
@@ -281,7 +281,8 @@ fn fill_template(
         .replace("{{M2}}", &MEMBER_PORTS[1].to_string())
         .replace("{{M3}}", &MEMBER_PORTS[2].to_string())
         .replace("{{DIR}}", &dir.display().to_string())
-        .replace("{{BALANCE}}", balance_directive(name, method))
+        .replace("{{BALANCE}}", balance_directive(name, scenario.method()))
+        .replace("{{THREADS}}", &apache_threads(scenario.held()).to_string())
         .replace("{{TLS_FILES}}", &tls_files)
         .replace("{{TLS}}", &tls_line);
     let path = dir.join(name);
@@ -289,10 +290,17 @@ fn fill_template(
     Ok(path)
 }
 
+/// Apache's worker threads for a scenario: a tunnel keeps its thread for the connection's life,
+/// so one per connection held plus room for handshakes in flight, and never fewer than 512
+/// (more threads than a scenario needs cost Apache 15% of its throughput in quick runs).
+fn apache_threads(held: usize) -> usize {
+    (held + 64).max(512)
+}
+
 /// Starts a target pinned to core 0; `None` for direct.
 fn start_target(
     target: Target,
-    method: Method,
+    scenario: Scenario,
     tls: Option<&BenchTls>,
     dir: &Path,
     topology: Topology,
@@ -337,7 +345,7 @@ fn start_target(
                     _ => "userspace",
                 },
                 "--lbmethod",
-                match method {
+                match scenario.method() {
                     Method::RoundRobin => "byrequests",
                     Method::LeastConn => "least-conn",
                 },
@@ -357,11 +365,11 @@ fn start_target(
             }
         }
         Target::Haproxy => {
-            let config = fill_template("haproxy.cfg", method, tls, dir, topology)?;
+            let config = fill_template("haproxy.cfg", scenario, tls, dir, topology)?;
             command.args(["haproxy", "-db", "-f"]).arg(config);
         }
         Target::Nginx => {
-            let config = fill_template("nginx.conf", method, tls, dir, topology)?;
+            let config = fill_template("nginx.conf", scenario, tls, dir, topology)?;
             command
                 .args(["nginx", "-p"])
                 .arg(dir)
@@ -370,7 +378,7 @@ fn start_target(
                 .args(["-g", "daemon off;"]);
         }
         Target::Apache => {
-            let config = fill_template("apache2.conf", method, tls, dir, topology)?;
+            let config = fill_template("apache2.conf", scenario, tls, dir, topology)?;
             command.args(["apache2", "-DFOREGROUND", "-f"]).arg(config);
         }
     }
@@ -566,6 +574,15 @@ impl Scenario {
         match self {
             Scenario::Balance { method } => method,
             _ => Method::RoundRobin,
+        }
+    }
+
+    /// The most connections the scenario holds open at once.
+    fn held(self) -> usize {
+        match self {
+            Scenario::Idle { connections } => connections,
+            Scenario::Balance { .. } => BALANCE_FIRST + BALANCE_REFILL,
+            _ => 50,
         }
     }
 
@@ -1051,7 +1068,7 @@ impl Bench<'_> {
         // A fresh proxy per run: nothing carried over between measurements.
         let dir = self.work_dir.join(format!("{:?}", target).to_lowercase());
         std::fs::create_dir_all(&dir)?;
-        let running = start_target(target, scenario.method(), tls, &dir, self.topology)?;
+        let running = start_target(target, scenario, tls, &dir, self.topology)?;
         let pgid = running.as_ref().map(|r| r.child.id());
         let addresses = if target == Target::Direct {
             self.member_addresses.clone()
