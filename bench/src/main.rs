@@ -521,7 +521,7 @@ enum Scenario {
     Throughput {
         size: usize,
     },
-    /// Round trips of `size` bytes on 50 connections, `rate` messages per second in all.
+    /// Round trips of `size` bytes on `CONCURRENT` connections, `rate` per second in all.
     Latency {
         size: usize,
         rate: u32,
@@ -537,6 +537,9 @@ enum Scenario {
     },
 }
 
+/// Connections the throughput, latency and handshake scenarios keep busy at once.
+const CONCURRENT: usize = 50;
+
 /// Connections the balance scenario opens first, and then after emptying one member.
 const BALANCE_FIRST: usize = 300;
 const BALANCE_REFILL: usize = 90;
@@ -545,14 +548,17 @@ impl Scenario {
     fn name(self) -> String {
         match self {
             Scenario::Throughput { size } => {
-                format!("throughput, 50 connections, {} KiB messages", size / 1024)
+                format!(
+                    "throughput, {CONCURRENT} connections, {} KiB messages",
+                    size / 1024
+                )
             }
             Scenario::Latency { size, rate } => format!(
-                "latency, 50 connections, {} KiB messages, {rate} round trips/s in all",
+                "latency, {CONCURRENT} connections, {} KiB messages, {rate} round trips/s in all",
                 size / 1024
             ),
             Scenario::Handshakes => {
-                "handshakes (connect, upgrade, one echo, close), 50 concurrent".into()
+                format!("handshakes (connect, upgrade, one echo, close), {CONCURRENT} concurrent")
             }
             Scenario::Idle { connections } => {
                 format!("idle: {connections} WebSockets held open, then each one echoes")
@@ -582,7 +588,7 @@ impl Scenario {
         match self {
             Scenario::Idle { connections } => connections,
             Scenario::Balance { .. } => BALANCE_FIRST + BALANCE_REFILL,
-            _ => 50,
+            _ => CONCURRENT,
         }
     }
 
@@ -629,17 +635,21 @@ async fn run_scenario(
     sample: &mut Sample,
 ) -> load::Outcome {
     match scenario {
-        Scenario::Throughput { size } => load::throughput(targets, 50, size, 4, duration).await,
+        Scenario::Throughput { size } => {
+            load::throughput(targets, CONCURRENT, size, 4, duration).await
+        }
         Scenario::Latency { size, rate } => {
-            let period = Duration::from_secs(50) / rate;
-            let (outcome, mut times) = load::latency(targets, 50, period, size, duration).await;
+            // One message per connection per period: `rate` per second in all.
+            let period = Duration::from_secs(CONCURRENT as u64) / rate;
+            let (outcome, mut times) =
+                load::latency(targets, CONCURRENT, period, size, duration).await;
             times.sort_unstable();
             sample.value = percentile(&times, 0.99);
             sample.p50_us = percentile(&times, 0.5);
             sample.p999_us = percentile(&times, 0.999);
             outcome
         }
-        Scenario::Handshakes => load::handshakes(targets, 50, duration).await,
+        Scenario::Handshakes => load::handshakes(targets, CONCURRENT, duration).await,
         Scenario::Idle { connections } => {
             // The cost of one more connection: the growth between holding half and holding
             // all of them, so memory the concurrent handshakes needed once is not spread over
