@@ -1019,14 +1019,17 @@ fn main() -> Result<()> {
             chosen.push(target);
         }
         // Round by round, every target once per round: a slow spell of the machine then
-        // touches every target alike instead of the runs of one.
+        // touches every target alike instead of the runs of one. Each round starts one
+        // target further on, so no target always runs after the same one (a run leaves its
+        // TIME_WAIT sockets and ports behind for the next).
         let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); chosen.len()];
-        for _ in 0..runs {
-            for (index, &target) in chosen.iter().enumerate() {
+        for round in 0..runs {
+            for offset in 0..chosen.len() {
+                let index = (round + offset) % chosen.len();
                 if STOPPING.load(Ordering::SeqCst) {
                     bail!("stopped by a signal; nothing written");
                 }
-                let sample = bench.measure(scenario, &name, target, tls)?;
+                let sample = bench.measure(scenario, &name, chosen[index], tls)?;
                 samples[index].push(sample);
             }
         }
@@ -1163,7 +1166,7 @@ fn write_results(
     )?;
     let mut markdown = format!(
         "# wsplice benchmark results\n\n`cargo xtask bench{command}`: {runs} round(s), each running every target once for \
-         {seconds} s per scenario, a fresh proxy per run, proxy pinned to core 0, load and echo members on core 1; {}. \
+         {seconds} s per scenario (each round starting one target further on), a fresh proxy per run, proxy pinned to core 0, load and echo members on core 1; {}. \
          Machine: {} cores, kernel {}.\n",
         if name == "vm-kernel-tls" {
             "everything on loopback inside the test VM (Debian's stock kernel under qemu, an \
